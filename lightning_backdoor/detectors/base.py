@@ -1,0 +1,135 @@
+"""The common interface of input-level backdoor detectors.
+
+    det = create_detector("scale_up")
+    det.fit(model, benign)          # benign: a DataLoader or an (x, y) pair; a no-op where not needed
+    scores = det.score(model, x)    # float Tensor[N]; higher = more likely poisoned; x in [0, 1]
+    flags = det.predict(model, x)   # bool Tensor[N]: scores > threshold
+
+Detectors are plain objects holding settings and fitted state (no model reference is kept). Their
+fitted state round-trips through ``state_dict`` / ``load_state_dict`` with tensors and plain
+Python values only, so it can be stored in a checkpoint and loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_images
+from ..registry import Registry
+from ..utils import model_device, split_batch
+
+DETECTORS = Registry("detector")
+
+
+def create_detector(name: str, **kwargs: Any) -> "Detector":
+    """Build a registered detector by name, e.g. ``create_detector("ibd_psc", omega=1.5)``."""
+    return DETECTORS.create(name, **kwargs)
+
+
+def list_detectors(pattern: str = "*") -> list[str]:
+    """Names of registered detectors matching an fnmatch ``pattern``."""
+    return DETECTORS.list(pattern)
+
+
+class Detector:
+    """Base class. Subclasses set ``name`` and implement ``score`` (and ``fit`` when they need data).
+
+    Attributes:
+        name: registry key and metric-name component (``test/{name}/auroc``).
+        threshold: scores strictly above it are flagged poisoned by ``predict``.
+        requires_fit: whether ``score`` needs ``fit`` first (data-limited detectors).
+        threat_model: short description for docs and run metadata.
+    """
+
+    name: str = "detector"
+    requires_fit: bool = False
+    threat_model: str = ""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a real number, got {threshold!r}")
+        self.threshold = float(threshold)
+        self.fitted = False
+
+    # -- interface -------------------------------------------------------------------------------
+    def fit(self, model: nn.Module, benign: Any) -> "Detector":
+        """Fit on benign data (DataLoader or ``(x, y)`` pair). Default: nothing to fit."""
+        self.fitted = True
+        return self
+
+    def score(self, model: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, x: Tensor) -> Tensor:
+        return self.score(model, x) > self.threshold
+
+    def hparams(self) -> Dict[str, Any]:
+        """Settings to record with a run (JSON-serialisable)."""
+        return {"threshold": self.threshold}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"fitted": self.fitted}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.fitted = bool(state.get("fitted", False))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- helpers for subclasses ------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if self.requires_fit and not self.fitted:
+            raise RuntimeError(
+                f"{type(self).__name__} must be fitted on benign data before scoring: "
+                f"call det.fit(model, benign) with a DataLoader or an (x, y) pair"
+            )
+
+    @staticmethod
+    def _check_input(model: nn.Module, x: Any, name: str = "x") -> Tensor:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        x = check_images(x, name, allow_single=True)
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        return x.to(model_device(model))
+
+
+def iter_benign(benign: Any, device: torch.device | None = None) -> Iterable[Tuple[Tensor, Tensor]]:
+    """Yield ``(x, y)`` batches from a DataLoader/iterable of batches or a single ``(x, y)`` pair."""
+    if isinstance(benign, (tuple, list)) and len(benign) == 2 and all(isinstance(t, Tensor) for t in benign):
+        batches: Iterable[Any] = [benign]
+    elif isinstance(benign, Tensor):
+        raise TypeError("benign must be a DataLoader or an (x, y) pair of tensors; labels are needed")
+    else:
+        batches = benign
+    n = 0
+    for batch in batches:
+        x, y = split_batch(batch)
+        if y is None:
+            raise ValueError("benign batches must carry labels: (x, y, ...) tuples or dicts with 'y'")
+        check_images(x, "benign images", allow_single=False)
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        n += len(x)
+        yield x, y.long()
+    if n == 0:
+        raise ValueError("benign data is empty; pass a non-empty DataLoader or (x, y) pair")
+
+
+def collect_benign(benign: Any, device: torch.device | None = None, max_samples: int | None = None) -> Tuple[Tensor, Tensor]:
+    """Concatenate benign data into one ``(x, y)`` pair (capped at ``max_samples``)."""
+    xs, ys, n = [], [], 0
+    for x, y in iter_benign(benign, device):
+        xs.append(x)
+        ys.append(y)
+        n += len(x)
+        if max_samples is not None and n >= max_samples:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    if max_samples is not None:
+        x, y = x[:max_samples], y[:max_samples]
+    return x, y
