@@ -23,7 +23,7 @@ How the data pipeline uses an attack (see ``lightning_backdoor.data.PoisonedData
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,30 @@ def list_attacks(pattern: str = "*") -> list[str]:
     return ATTACKS.list(pattern)
 
 
+def _check_trigger_tensor(t: Any, name: str) -> Tensor:
+    """Check a user trigger tensor (patch, mask, pattern): ``[C, h, w]`` or ``[h, w]``, float, finite, in [0, 1].
+
+    Returns a detached ``[C, h, w]`` copy (``[h, w]`` becomes ``[1, h, w]``, broadcast over channels).
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [C, h, w] or [h, w] in [0, 1], got {type(t).__name__}")
+    if t.dim() not in (2, 3):
+        raise ValueError(f"{name} must have shape [C, h, w] or [h, w], got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    t = t.unsqueeze(0) if t.dim() == 2 else t
+    check_images(t, name, allow_single=True)
+    return t.detach().clamp(0, 1).clone()
+
+
+def _check_image_shape(channels: Any, height: Any, width: Any) -> Tuple[int, int, int]:
+    """Check the ``build(channels, height, width)`` arguments are positive ints."""
+    for name, v in (("channels", channels), ("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return channels, height, width
+
+
 class Attack(nn.Module):
     """Base class of triggers. Subclasses implement ``apply(x)`` on a checked ``[N, C, H, W]`` batch."""
 
@@ -52,6 +76,9 @@ class Attack(nn.Module):
     requires_fit: bool = False
     trainable: bool = False
     cover_ratio: float = 0.0
+    #: Buffers registered as ``None`` and materialised on first use / ``build``. A fresh instance
+    #: adopts them from a ``state_dict`` that holds them, so checkpoints restore the exact trigger.
+    _lazy_buffers: Tuple[str, ...] = ()
 
     def forward(self, x: Tensor) -> Tensor:
         x = check_images(x, "x", allow_single=True)
@@ -78,6 +105,17 @@ class Attack(nn.Module):
     def hparams(self) -> Dict[str, Any]:
         """Attack parameters to record with a run (JSON-serialisable)."""
         return {}
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        for name in self._lazy_buffers:
+            key = prefix + name
+            if key in state_dict and self._buffers.get(name) is None and isinstance(state_dict[key], Tensor):
+                self._buffers[name] = state_dict[key].detach().clone()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())

@@ -1,0 +1,397 @@
+"""Pure-torch trigger functions: the functional core of ``lightning_backdoor.attacks``.
+
+Every function here is batched (``[N, C, H, W]`` images in pixel space ``[0, 1]``), follows the
+input's device and dtype, never imports Lightning and never consumes the global random number
+generator unless the caller asks it to (``generator=None`` where a ``generator`` is accepted).
+The ``Attack`` classes hold settings and trigger state and call these functions.
+
+Formulas:
+
+- patch stamping (BadNets, Gu et al. 2017): ``x' = (1 - m) * x + m * p``
+- blending (Blended, Chen et al. 2017): ``x' = (1 - alpha) * x + alpha * p``
+- warping (WaNet, Nguyen & Tran, ICLR 2021): ``x' = grid_sample(x, identity + s * upsample(noise_k))``
+
+Example:
+    >>> import torch
+    >>> from lightning_backdoor.attacks import functional as AF
+    >>> x = torch.rand(2, 3, 32, 32)
+    >>> patch = torch.ones(3, 3, 3)
+    >>> AF.stamp_patch(x, patch, location="bottom_right")[:, :, -3:, -3:].min().item()
+    1.0
+    >>> grid = AF.wanet_grid(AF.wanet_noise(4, generator=AF.seeded_generator(0)), 32, 32, s=0.5)
+    >>> AF.warp(x, grid).shape
+    torch.Size([2, 3, 32, 32])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "LOCATIONS",
+    "seeded_generator",
+    "seeded_rand",
+    "resolve_location",
+    "stamp_patch",
+    "blend",
+    "resize_pattern",
+    "wanet_noise",
+    "wanet_grid",
+    "wanet_noise_grid",
+    "warp",
+]
+
+#: Named patch locations accepted by :func:`resolve_location`.
+LOCATIONS = ("bottom_right", "top_left", "top_right", "bottom_left")
+
+Location = Union[str, Sequence[int]]
+
+
+# -- randomness ----------------------------------------------------------------------------------
+def seeded_generator(seed: int) -> torch.Generator:
+    """A fresh CPU ``torch.Generator`` seeded with ``seed`` (the global RNG is left untouched).
+
+    Trigger state is always drawn on the CPU so that the same seed gives the same trigger on
+    every device; move it afterwards.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def seeded_rand(shape: Sequence[int], seed: int) -> Tensor:
+    """Uniform ``[0, 1)`` float32 noise of ``shape`` drawn on the CPU from a local generator seeded with ``seed``."""
+    return torch.rand(tuple(shape), generator=seeded_generator(seed), dtype=torch.float32)
+
+
+def _rand_like_on(shape: Tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniform noise drawn on the generator's device (or ``like``'s when ``generator`` is None), moved to ``like``."""
+    device = generator.device if generator is not None else like.device
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32).to(like)
+
+
+# -- patches -------------------------------------------------------------------------------------
+def _size2(value: Any, name: str) -> Tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
+    if value[0] < 1 or value[1] < 1:
+        raise ValueError(f"{name} must be >= 1, got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+def resolve_location(
+    location: Location, patch_size: int | Sequence[int], image_size: int | Sequence[int]
+) -> Tuple[int, int]:
+    """The ``(row, col)`` of a patch's top-left corner inside an image.
+
+    Args:
+        location: one of ``"bottom_right"``, ``"top_left"``, ``"top_right"``, ``"bottom_left"``,
+            or an explicit ``(row, col)`` pair of non-negative ints.
+        patch_size: ``p`` or ``(p, q)``, the patch height and width.
+        image_size: ``H`` or ``(H, W)``.
+
+    Raises:
+        ValueError: if the patch does not fit into the image at that location.
+
+    Example:
+        >>> resolve_location("bottom_right", 3, (32, 28))
+        (29, 25)
+    """
+    p, q = _size2(patch_size, "patch_size")
+    h, w = _size2(image_size, "image_size")
+    if p > h or q > w:
+        raise ValueError(f"patch_size {(p, q)} is larger than the image size {(h, w)} (H, W)")
+    if isinstance(location, str):
+        corners = {
+            "top_left": (0, 0),
+            "top_right": (0, w - q),
+            "bottom_left": (h - p, 0),
+            "bottom_right": (h - p, w - q),
+        }
+        if location not in corners:
+            raise ValueError(f"location must be one of {list(LOCATIONS)} or a (row, col) pair, got {location!r}")
+        return corners[location]
+    if (
+        not isinstance(location, (tuple, list))
+        or len(location) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in location)
+    ):
+        raise TypeError(f"location must be one of {list(LOCATIONS)} or a (row, col) pair of ints, got {location!r}")
+    row, col = int(location[0]), int(location[1])
+    if not (0 <= row <= h - p and 0 <= col <= w - q):
+        raise ValueError(
+            f"location {(row, col)} puts a {p}x{q} patch outside a {h}x{w} image; "
+            f"row must be in [0, {h - p}] and col in [0, {w - q}]"
+        )
+    return row, col
+
+
+def stamp_patch(
+    x: Tensor, patch: Tensor, mask: Tensor | None = None, location: Location | None = None
+) -> Tensor:
+    """Stamp ``patch`` onto images: ``x' = (1 - m) * x + m * p`` inside the patch region.
+
+    BadNets (Gu, Dolan-Gavitt & Garg, 2017) threat model: the attacker poisons training data with
+    a fixed visible patch and relabels it to the target class.
+
+    Args:
+        x: images ``[N, C, H, W]`` in ``[0, 1]``.
+        patch: ``[C, p, q]``, ``[1, p, q]`` or ``[p, q]`` (broadcast over channels), or a
+            per-sample ``[N, C, p, q]``.
+        mask: blending mask broadcastable to the patch (``[p, q]``, ``[1, p, q]``, ``[C, p, q]``),
+            values in ``[0, 1]``; ``None`` means all ones (the patch replaces the pixels).
+        location: where the patch's top-left corner goes (see :func:`resolve_location`). ``None``
+            means the patch (and mask) cover the whole image, ``p == H`` and ``q == W`` — the
+            full-image mask form used by trigger reverse-engineering.
+
+    Returns:
+        A new tensor, same shape, dtype and device as ``x``; ``x`` is not modified.
+
+    Example:
+        >>> x = torch.zeros(1, 1, 4, 4)
+        >>> stamp_patch(x, torch.ones(2, 2), location=(1, 1))[0, 0]
+        tensor([[0., 0., 0., 0.],
+                [0., 1., 1., 0.],
+                [0., 1., 1., 0.],
+                [0., 0., 0., 0.]])
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [N, C, H, W], got shape {tuple(x.shape)}")
+    if not isinstance(patch, Tensor):
+        raise TypeError(f"patch must be a torch.Tensor, got {type(patch).__name__}")
+    if patch.dim() == 2:
+        patch = patch.unsqueeze(0)
+    if patch.dim() not in (3, 4):
+        raise ValueError(f"patch must have shape [C, p, q], [p, q] or [N, C, p, q], got shape {tuple(patch.shape)}")
+    _, c, h, w = x.shape
+    pc, p, q = patch.shape[-3:]
+    if pc not in (1, c):
+        raise ValueError(f"patch has {pc} channels but the images have {c}; use 1 (broadcast) or {c} channels")
+    if location is None:
+        if (p, q) != (h, w):
+            raise ValueError(
+                f"patch of size {(p, q)} needs a location; without one it must cover the image size {(h, w)}"
+            )
+        row, col = 0, 0
+    else:
+        row, col = resolve_location(location, (p, q), (h, w))
+    patch = patch.to(device=x.device, dtype=x.dtype)
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        mask = mask.to(device=x.device, dtype=x.dtype)
+        if mask.dim() == 2:
+            mask = mask.unsqueeze(0)
+        if tuple(mask.shape[-2:]) != (p, q) or mask.shape[-3] not in (1, c):
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not match the patch {(pc, p, q)}; "
+                f"expected [{p}, {q}], [1, {p}, {q}] or [{c}, {p}, {q}]"
+            )
+    out = x.clone()
+    region = x[:, :, row : row + p, col : col + q]
+    if mask is None:
+        stamped = patch.expand_as(region)
+    else:
+        stamped = (1 - mask) * region + mask * patch
+    out[:, :, row : row + p, col : col + q] = stamped
+    return out
+
+
+# -- blending ------------------------------------------------------------------------------------
+def resize_pattern(pattern: Tensor, height: int, width: int) -> Tensor:
+    """Resize a ``[C, h, w]`` pattern to ``[C, height, width]`` (bilinear, antialiased when shrinking).
+
+    Returns the pattern itself when it already has the requested size. Output is clamped to ``[0, 1]``.
+    """
+    if tuple(pattern.shape[-2:]) == (height, width):
+        return pattern
+    work = pattern if pattern.dtype in (torch.float32, torch.float64) else pattern.float()
+    out = F.interpolate(work.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return out[0].clamp(0, 1).to(pattern.dtype)
+
+
+def blend(x: Tensor, pattern: Tensor, alpha: float | Tensor) -> Tensor:
+    """Blend images with a pattern: ``x' = (1 - alpha) * x + alpha * p``.
+
+    Blended attack (Chen et al., "Targeted Backdoor Attacks on Deep Learning Systems Using Data
+    Poisoning", 2017): a dirty-label attack whose trigger is a faint whole-image pattern.
+
+    Args:
+        x: images ``[N, C, H, W]`` in ``[0, 1]``.
+        pattern: ``[C, H, W]``, ``[1, H, W]``, ``[H, W]`` or ``[N, C, H, W]``, in ``[0, 1]``,
+            the same spatial size as ``x`` (see :func:`resize_pattern`).
+        alpha: blend weight in ``[0, 1]`` (a float, or a tensor broadcastable to ``x``).
+
+    Returns:
+        The blended images, clamped to ``[0, 1]`` against round-off; same dtype and device as ``x``.
+
+    Example:
+        >>> x = torch.zeros(1, 3, 8, 8)
+        >>> blend(x, torch.ones(3, 8, 8), 0.2).max().item()
+        0.20000000298023224
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [N, C, H, W], got shape {tuple(x.shape)}")
+    if not isinstance(pattern, Tensor):
+        raise TypeError(f"pattern must be a torch.Tensor, got {type(pattern).__name__}")
+    if pattern.dim() == 2:
+        pattern = pattern.unsqueeze(0)
+    if tuple(pattern.shape[-2:]) != tuple(x.shape[-2:]) or pattern.shape[-3] not in (1, x.shape[1]):
+        raise ValueError(
+            f"pattern of shape {tuple(pattern.shape)} does not fit images of shape {tuple(x.shape)}; "
+            f"expected [{x.shape[1]} or 1, {x.shape[2]}, {x.shape[3]}] (resize it with resize_pattern)"
+        )
+    pattern = pattern.to(device=x.device, dtype=x.dtype)
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(device=x.device, dtype=x.dtype)
+    return ((1 - alpha) * x + alpha * pattern).clamp(0, 1)
+
+
+# -- warping (WaNet) -----------------------------------------------------------------------------
+def _grid_dtype(device: torch.device) -> torch.dtype:
+    # Sampling grids are built in float64 so that a zero field reproduces the image to ~1e-12
+    # (float32 normalised coordinates are off by a few ulps, i.e. ~1e-5 on 64x64 images).
+    # MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def wanet_noise(k: int = 4, generator: torch.Generator | None = None) -> Tensor:
+    """The WaNet control field: ``[2, k, k]`` uniform in ``[-1, 1]``, divided by its mean absolute value.
+
+    Channel 0 is the horizontal (x) displacement, channel 1 the vertical (y) one. The field does not
+    depend on the image size; :func:`wanet_grid` upsamples it.
+
+    Args:
+        k: control grid size (the paper uses 4 on CIFAR-10/GTSRB/MNIST).
+        generator: random source; pass ``seeded_generator(seed)`` for reproducibility (``None``
+            draws from the global RNG).
+    """
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {k!r}")
+    if k < 2:
+        raise ValueError(f"k must be >= 2 (a 1x1 control grid is a uniform shift, not a warp), got {k}")
+    device = generator.device if generator is not None else torch.device("cpu")
+    field = torch.rand((2, k, k), generator=generator, device=device, dtype=torch.float32) * 2 - 1
+    return field / field.abs().mean()
+
+
+def wanet_grid(
+    noise: Tensor,
+    height: int,
+    width: int,
+    s: float = 0.5,
+    grid_rescale: float = 1.0,
+    *,
+    mode: str = "bicubic",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The WaNet sampling grid ``clamp((identity + s * upsample(noise) / size) * grid_rescale, -1, 1)``.
+
+    WaNet (Nguyen & Tran, "WaNet - Imperceptible Warping-based Backdoor Attack", ICLR 2021):
+    a dirty-label attack whose trigger is a smooth, nearly invisible warp. The identity grid is
+    in the normalised coordinates of ``F.grid_sample(align_corners=True)``; the displacement is
+    ``s`` times the upsampled field divided by the image size along that axis (``W`` for x,
+    ``H`` for y), the scaling of the published implementation on square images.
+
+    Args:
+        noise: the ``[2, k, k]`` control field (:func:`wanet_noise`).
+        height, width: image size.
+        s: warping strength (``s = 0`` gives the identity grid).
+        grid_rescale: factor applied to the whole grid before clamping (1 in the paper).
+        mode: ``"bicubic"`` (paper) or ``"bilinear"`` upsampling of the field.
+        dtype: grid dtype; default float64 (float32 on MPS) for an accurate identity.
+
+    Returns:
+        ``[1, height, width, 2]`` grid on ``noise``'s device, values in ``[-1, 1]``.
+
+    Example:
+        >>> g = wanet_grid(torch.zeros(2, 4, 4), 8, 8, s=0.5)
+        >>> g.shape, float(g.abs().max())
+        (torch.Size([1, 8, 8, 2]), 1.0)
+    """
+    if not isinstance(noise, Tensor) or noise.dim() != 3 or noise.shape[0] != 2:
+        shape = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+        raise ValueError(f"noise must be a [2, k, k] tensor, got {shape}")
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    for name, v in (("s", s), ("grid_rescale", grid_rescale)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise TypeError(f"{name} must be a finite real number, got {v!r}")
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"mode must be one of ['bicubic', 'bilinear'], got {mode!r}")
+    device = noise.device
+    dtype = dtype or _grid_dtype(device)
+    field = F.interpolate(noise.to(dtype).unsqueeze(0), size=(height, width), mode=mode, align_corners=True)
+    field = field[0].permute(1, 2, 0)  # [H, W, 2], (x, y)
+    ys = torch.linspace(-1, 1, height, device=device, dtype=dtype)
+    xs = torch.linspace(-1, 1, width, device=device, dtype=dtype)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    identity = torch.stack((gx, gy), dim=-1)
+    scale = torch.tensor([float(s) / width, float(s) / height], device=device, dtype=dtype)
+    grid = (identity + field * scale) * float(grid_rescale)
+    return grid.clamp(-1, 1).unsqueeze(0)
+
+
+def wanet_noise_grid(grid: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+    """WaNet's "noise mode" grids: ``clamp(grid + (u * 2 - 1) / size, -1, 1)``, ``u ~ U[0, 1)`` per sample.
+
+    Samples warped with these grids keep their true labels, teaching the model that warps other
+    than the exact trigger field mean nothing.
+
+    Args:
+        grid: a ``[1, H, W, 2]`` trigger grid (:func:`wanet_grid`).
+        num: number of independent random grids.
+        generator: random source (its device is used for drawing); ``None`` uses the global RNG.
+
+    Returns:
+        ``[num, H, W, 2]`` grids, same dtype and device as ``grid``.
+    """
+    if grid.dim() != 4 or grid.shape[-1] != 2:
+        raise ValueError(f"grid must have shape [1, H, W, 2], got shape {tuple(grid.shape)}")
+    if isinstance(num, bool) or not isinstance(num, int) or num < 0:
+        raise ValueError(f"num must be an int >= 0, got {num!r}")
+    _, h, w, _ = grid.shape
+    u = _rand_like_on((num, h, w, 2), grid, generator)
+    size = torch.tensor([w, h], device=grid.device, dtype=grid.dtype)
+    return (grid + (u * 2 - 1) / size).clamp(-1, 1)
+
+
+def warp(x: Tensor, grid: Tensor, mode: str = "bilinear") -> Tensor:
+    """Resample images on a sampling grid: ``F.grid_sample(x, grid, align_corners=True)``.
+
+    Args:
+        x: images ``[N, C, H, W]`` in ``[0, 1]``.
+        grid: ``[1, H', W', 2]`` (shared) or ``[N, H', W', 2]`` (per sample) normalised coordinates.
+        mode: ``"bilinear"`` or ``"nearest"``.
+
+    Returns:
+        ``[N, C, H', W']`` images in ``[0, 1]``, same dtype and device as ``x``. Sampling runs in
+        the grid's dtype (float64 from :func:`wanet_grid`) and is cast back.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [N, C, H, W], got shape {tuple(x.shape)}")
+    if not isinstance(grid, Tensor) or grid.dim() != 4 or grid.shape[-1] != 2 or grid.shape[0] not in (1, x.shape[0]):
+        shape = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
+        raise ValueError(f"grid must have shape [1, H, W, 2] or [{x.shape[0]}, H, W, 2], got {shape}")
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be one of ['bilinear', 'nearest'], got {mode!r}")
+    work = torch.promote_types(x.dtype, grid.dtype)
+    if not work.is_floating_point or work in (torch.float16, torch.bfloat16):
+        work = torch.float32
+    grid = grid.to(device=x.device, dtype=work).expand(x.shape[0], -1, -1, -1)
+    out = F.grid_sample(x.to(work), grid, mode=mode, padding_mode="border", align_corners=True)
+    return out.clamp(0, 1).to(x.dtype)
