@@ -98,6 +98,21 @@ class Detector:
         return x.to(model_device(model))
 
 
+def threshold_at_fpr(benign_scores: Tensor, target_fpr: float) -> float:
+    """A threshold from benign scores such that at most ``floor(target_fpr * N)`` of them are
+    strictly above it (the empirical ``1 - target_fpr`` quantile), i.e. FPR on these scores is
+    ``<= target_fpr`` under ``predict``'s ``score > threshold`` rule."""
+    scores = benign_scores.detach().flatten().float()
+    if scores.numel() == 0:
+        raise ValueError("cannot set a threshold from an empty set of benign scores")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("benign scores contain NaN or Inf; cannot set a threshold from them")
+    n = scores.numel()
+    allowed = int(target_fpr * n + 1e-9)  # benign scores allowed strictly above the threshold
+    k = max(0, n - 1 - allowed)
+    return float(scores.sort().values[k])
+
+
 def iter_benign(benign: Any, device: torch.device | None = None) -> Iterable[Tuple[Tensor, Tensor]]:
     """Yield ``(x, y)`` batches from a DataLoader/iterable of batches or a single ``(x, y)`` pair."""
     if isinstance(benign, (tuple, list)) and len(benign) == 2 and all(isinstance(t, Tensor) for t in benign):

@@ -1,0 +1,224 @@
+"""Poisoned datasets: which samples carry the trigger, and what each sample yields.
+
+Pipeline of one training sample (documented in the README too)::
+
+    base dataset  ->  image in pixel space [0, 1] (ToImage + ToDtype(scale=True), Resize if any)
+                  ->  trigger (if the index is poisoned; or the cover variant if it is a cover sample)
+                  ->  augmentation (random crop / flip, tensor transforms)
+                  ->  model, whose first layer is Normalize
+
+So the trigger is applied in pixel space *before* augmentation (a patch may move with a random
+crop, as a physical trigger would) and *before* normalisation (which lives inside the model).
+
+Each item is a :class:`Sample` ``(x, y, poisoned, original_y, index)``; ``y`` is the training label
+(the target for dirty-label poisoned samples), ``original_y`` the true label. Loops that only want
+``(x, y)`` can write ``x, y, *_ = batch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+from .._validation import check_label, check_probability
+from ..attacks.base import Attack
+
+
+class Sample(NamedTuple):
+    """One item (or, after collation, one batch) of a poisoned dataset."""
+
+    x: Tensor
+    y: Tensor | int
+    poisoned: Tensor | bool
+    original_y: Tensor | int
+    index: Tensor | int
+
+
+def dataset_labels(dataset: Dataset) -> Tensor:
+    """All labels of ``dataset`` as a LongTensor, without loading images where the dataset allows it.
+
+    Understands ``Subset`` (recursively), ``.targets`` (torchvision CIFAR/MNIST/ImageFolder),
+    ``._samples`` (torchvision GTSRB) and ``.tensors`` (TensorDataset); otherwise iterates.
+    """
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    for attr in ("targets", "labels"):
+        t = getattr(dataset, attr, None)
+        if t is not None and not callable(t):
+            return torch.as_tensor(t, dtype=torch.long).reshape(-1)
+    samples = getattr(dataset, "_samples", None)
+    if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
+        return torch.as_tensor([s[1] for s in samples], dtype=torch.long)
+    tensors = getattr(dataset, "tensors", None)
+    if isinstance(tensors, tuple) and len(tensors) >= 2:
+        return tensors[1].long().reshape(-1)
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def select_poison_indices(
+    labels: Tensor, target: int, rate: float, seed: int, *, dirty_label: bool = True
+) -> Tensor:
+    """Seeded choice of the poisoned indices: ``round(rate * #candidates)`` of the candidates.
+
+    Candidates are the samples whose label is not ``target`` (dirty-label attacks) or is ``target``
+    (clean-label attacks). Returns a sorted LongTensor; the same ``(labels, target, rate, seed)``
+    always gives the same set, independent of the global RNG.
+    """
+    rate = check_probability(rate, "rate", low_open=True)
+    candidates = torch.nonzero(labels != target if dirty_label else labels == target).flatten()
+    if len(candidates) == 0:
+        kind = "non-target" if dirty_label else "target-class"
+        raise ValueError(
+            f"dataset has no {kind} samples to poison for target={target}; labels present: "
+            f"{sorted(set(labels.tolist()))[:20]}"
+        )
+    count = max(1, round(rate * len(candidates)))
+    g = torch.Generator().manual_seed(int(seed))
+    chosen = candidates[torch.randperm(len(candidates), generator=g)[:count]]
+    return torch.sort(chosen).values
+
+
+def fingerprint(indices: Tensor) -> str:
+    """A short stable hash of an index set (recorded with runs so two runs can be compared)."""
+    data = torch.sort(indices.to(torch.int64).cpu()).values.numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+class PoisonedDataset(Dataset):
+    """Wraps a dataset of ``[0, 1]`` image tensors and poisons a seeded share of it.
+
+    Args:
+        dataset: yields ``(image, label)`` with images as float ``[C, H, W]`` tensors in ``[0, 1]``.
+        attack: the trigger (an :class:`~lightning_backdoor.attacks.Attack`).
+        target: the target label ``t``.
+        num_classes: number of classes (to validate ``target``).
+        rate: share of the candidate samples to poison, in ``(0, 1]`` (``mode="train"``).
+        seed: seeds the poisoned index set (and the cover set).
+        mode: ``"train"`` poisons a ``rate`` share of the non-target samples (labels set to the
+            target for dirty-label attacks; cover samples keep theirs); ``"test"`` keeps only
+            samples whose true label is not the target, all triggered and labelled ``target``
+            (the ASR set).
+        transform: applied after the trigger (augmentation); ``None`` for evaluation sets.
+
+    Example:
+        >>> from lightning_backdoor.attacks import BadNets
+        >>> ds = PoisonedDataset(clean, BadNets(), target=0, num_classes=10, rate=0.1)  # doctest: +SKIP
+        >>> x, y, poisoned, original_y, index = ds[0]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        attack: Attack,
+        target: int,
+        num_classes: int,
+        rate: float = 0.1,
+        seed: int = 0,
+        mode: str = "train",
+        transform: Callable[[Tensor], Tensor] | None = None,
+        labels: Tensor | None = None,
+    ) -> None:
+        if mode not in ("train", "test"):
+            raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+        if not callable(attack):
+            raise TypeError(f"attack must be an Attack (callable on images), got {type(attack).__name__}")
+        self.target = check_label(target, "target", num_classes)
+        self.rate = check_probability(rate, "rate", low_open=True)
+        self.dataset, self.attack, self.num_classes = dataset, attack, num_classes
+        self.seed, self.mode, self.transform = int(seed), mode, transform
+        self.labels = dataset_labels(dataset) if labels is None else labels
+        if len(self.labels) == 0:
+            raise ValueError("dataset is empty (0 samples); cannot build a poisoned dataset")
+        bad = (self.labels < 0) | (self.labels >= num_classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"dataset labels must be in [0, {num_classes - 1}] (num_classes={num_classes}), "
+                f"found {sorted(set(self.labels[bad].tolist()))[:10]}"
+            )
+        dirty = getattr(attack, "dirty_label", True)
+        n = len(self.labels)
+        if mode == "test":
+            self.indices = torch.nonzero(self.labels != self.target).flatten()
+            if len(self.indices) == 0:
+                raise ValueError(f"dataset has no samples whose label is not the target {target}; "
+                                 "the poisoned test set (ASR) would be empty")
+            self.poison_indices = self.indices.clone()
+            self.cover_indices = torch.empty(0, dtype=torch.long)
+        else:
+            self.indices = torch.arange(n)
+            self.poison_indices = select_poison_indices(self.labels, self.target, self.rate, self.seed,
+                                                        dirty_label=dirty)
+            cover_ratio = float(getattr(attack, "cover_ratio", 0.0) or 0.0)
+            self.cover_indices = self._select_cover(cover_ratio)
+        self._poison_mask = torch.zeros(n, dtype=torch.bool)
+        self._poison_mask[self.poison_indices] = True
+        self._cover_mask = torch.zeros(n, dtype=torch.bool)
+        self._cover_mask[self.cover_indices] = True
+        self._relabel = dirty or mode == "test"
+
+    def _select_cover(self, cover_ratio: float) -> Tensor:
+        if cover_ratio <= 0:
+            return torch.empty(0, dtype=torch.long)
+        rest = torch.nonzero(~torch.isin(torch.arange(len(self.labels)), self.poison_indices)).flatten()
+        count = min(len(rest), round(cover_ratio * self.rate * len(self.labels)))
+        g = torch.Generator().manual_seed(self.seed + 1)
+        return torch.sort(rest[torch.randperm(len(rest), generator=g)[:count]]).values
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the poisoned index set (see :func:`fingerprint`)."""
+        return fingerprint(self.poison_indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Sample:
+        index = int(self.indices[i])
+        x, y = self.dataset[index][:2]
+        y = int(y)
+        poisoned = bool(self._poison_mask[index])
+        if poisoned:
+            x = self.attack(x)
+        elif self._cover_mask[index]:
+            x = self.attack.cover(x.unsqueeze(0))[0]
+        if self.transform is not None:
+            x = self.transform(x)
+        label = self.target if poisoned and self._relabel else y
+        return Sample(x, label, poisoned, y, index)
+
+    def info(self) -> dict:
+        """What to record with a run: attack, parameters, rate, target, poisoned-set fingerprint."""
+        attack_hp = self.attack.hparams() if hasattr(self.attack, "hparams") else {}
+        return {
+            "attack": getattr(self.attack, "name", type(self.attack).__name__),
+            "attack_params": attack_hp,
+            "poison_rate": self.rate,
+            "target": self.target,
+            "num_poisoned": int(len(self.poison_indices)),
+            "num_cover": int(len(self.cover_indices)),
+            "poison_fingerprint": self.fingerprint,
+            "poison_seed": self.seed,
+        }
+
+
+class CleanDataset(Dataset):
+    """A clean view yielding :class:`Sample` items (``poisoned=False``) so every loader has one format."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Tensor], Tensor] | None = None,
+                 indices: Sequence[int] | Tensor | None = None) -> None:
+        self.dataset, self.transform = dataset, transform
+        self.indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Sample:
+        index = int(self.indices[i])
+        x, y = self.dataset[index][:2]
+        if self.transform is not None:
+            x = self.transform(x)
+        return Sample(x, int(y), False, int(y), index)

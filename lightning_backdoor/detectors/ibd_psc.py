@@ -1,0 +1,209 @@
+"""IBD-PSC: parameter-oriented scaling consistency (white-box, data-limited).
+
+Hou et al., "IBD-PSC: Input-level Backdoor Detection via Parameter-oriented Scaling Consistency",
+ICML 2024. Amplifying the γ and β of a model's last BatchNorm2d layers by ω makes benign
+predictions lose confidence while poisoned inputs keep predicting the target with high
+confidence (METHODS.md section 3).
+
+    det = IBDPSC().fit(model, benign_loader)   # adaptive choice of k on ≈100 benign samples
+    scores = det.score(model, x)               # mean amplified confidence in the original label
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_choice, check_positive_float, check_positive_int, check_probability
+from ..utils import model_device, preserved_rng
+from .base import DETECTORS, Detector, collect_benign
+from .functional.ibd_psc import (
+    LAYER_RANGES,
+    SharedPrefixRunner,
+    amplified_layer_counts,
+    bn_layers,
+    ibd_psc_score,
+    select_k,
+)
+
+
+@DETECTORS.register("ibd_psc")
+class IBDPSC(Detector):
+    """IBD-PSC input-level backdoor detector (white-box, data-limited; METHODS.md section 3).
+
+    ``score(x) = (1/n) Σ_{i=k}^{k+n-1} softmax(F̂_i^ω(x))[y']`` where ``F̂_i^ω`` multiplies γ and β of
+    the last ``i`` BatchNorm2d layers (in forward-execution order) by ω and ``y'`` is the original
+    model's prediction. Scores lie in ``[0, 1]``; higher means more likely poisoned.
+
+    ``fit`` with ``k=None`` runs the paper's adaptive layer selection (Algorithm 1) on at most
+    ``max_fit_samples`` benign samples: the first ``k`` whose benign error rate under amplification
+    exceeds ``xi``. It raises a ``ValueError`` listing the error rates when no ``k`` does (typical
+    for plain Conv-BN-ReLU stacks). With a fixed ``k``, ``fit`` only checks ``k`` against the
+    model's number of BN layers and scoring works without it.
+
+    Scoring runs the model in eval mode without gradients and restores its mode; parameters,
+    buffers and the global RNG are untouched. Layers before the first amplified BN are computed
+    once per batch (fx-traced split, cached per model through a weak reference); untraceable
+    models fall back to full forward passes with a one-time warning.
+
+    Args:
+        omega: amplification factor ω (> 0), paper default 1.5.
+        n: number of amplified models averaged, default 5.
+        xi: error-rate threshold ξ for the adaptive choice of ``k``, default 0.6.
+        threshold: decision threshold ``T`` for ``predict`` (``score > T``), default 0.9.
+        k: first amplified-layer count, or None to select it in ``fit``.
+        layer_range: ``"paper"`` (``k…k+n-1``) or ``"published"`` (the public code's ``k+1…k+n``).
+        max_fit_samples: benign samples used by ``fit``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+        ...                     nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+        >>> IBDPSC(k=1, n=2).score(net, torch.rand(5, 3, 8, 8)).shape
+        torch.Size([5])
+    """
+
+    name = "ibd_psc"
+    threat_model = "white-box, data-limited"
+
+    def __init__(
+        self,
+        omega: float = 1.5,
+        n: int = 5,
+        xi: float = 0.6,
+        threshold: float = 0.9,
+        k: Optional[int] = None,
+        layer_range: str = "paper",
+        max_fit_samples: int = 100,
+    ) -> None:
+        super().__init__(threshold)
+        self.omega = check_positive_float(omega, "omega")
+        self.n = check_positive_int(n, "n")
+        self.xi = check_probability(xi, "xi")
+        if k is not None:
+            check_positive_int(k, "k")
+        self.layer_range = check_choice(layer_range, "layer_range", LAYER_RANGES)
+        self.max_fit_samples = check_positive_int(max_fit_samples, "max_fit_samples")
+        self._k_arg = k
+        self.k: Optional[int] = k
+        self.requires_fit = k is None
+        self.etas: List[float] = []
+        self.num_bn_layers: Optional[int] = None
+        # model -> (signature, BN layer names, {first amplified layer: runner or None}); weak keys,
+        # one entry, so no model is kept alive by the detector.
+        self._cache: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, List[str], Dict[str, Any]]]" = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # -- interface -------------------------------------------------------------------------------
+    def fit(self, model: nn.Module, benign: Any) -> "IBDPSC":
+        """Select ``k`` on benign data (``k=None``) or check the fixed ``k`` against the model."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        device = model_device(model)
+        x, y = collect_benign(benign, device, self.max_fit_samples)
+        with preserved_rng(device):
+            layers = self._layers(model, x)
+            if self._k_arg is None:
+                self.k, self.etas = select_k(model, x, y, self.omega, self.xi, layers=layers)
+            else:
+                self._check_k(self._k_arg, len(layers))
+        self.num_bn_layers = len(layers)
+        self.fitted = True
+        return self
+
+    def score(self, model: nn.Module, x: Tensor) -> Tensor:
+        """PSC of each input (float ``Tensor[N]``, in ``[0, 1]``); higher = more likely poisoned."""
+        if self.k is None:
+            raise RuntimeError(
+                "IBDPSC(k=None) selects k on benign data: call det.fit(model, benign) before scoring, "
+                "or construct it with a fixed k"
+            )
+        x = self._check_input(model, x)
+        if len(x) == 0:
+            return torch.empty(0, device=x.device)
+        with preserved_rng(x.device):
+            layers = self._layers(model, x)
+            self._check_k(self.k, len(layers))
+            counts = amplified_layer_counts(self.k, self.n, len(layers), self.layer_range, warn=False)
+            runner = self._runner(model, layers, layers[len(layers) - counts[-1]], x)
+            return ibd_psc_score(
+                model,
+                x,
+                self.k,
+                omega=self.omega,
+                n=self.n,
+                layer_range=self.layer_range,
+                layers=layers,
+                shared_prefix=runner is not None,
+                runner=runner,
+            )
+
+    def hparams(self) -> Dict[str, Any]:
+        return {
+            "omega": self.omega,
+            "n": self.n,
+            "xi": self.xi,
+            "threshold": self.threshold,
+            "k": self.k,
+            "adaptive_k": self._k_arg is None,
+            "layer_range": self.layer_range,
+            "max_fit_samples": self.max_fit_samples,
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "fitted": self.fitted,
+            "k": self.k,
+            "etas": list(self.etas),
+            "num_bn_layers": self.num_bn_layers,
+            "omega": self.omega,
+            "layer_range": self.layer_range,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for key, mine in (("omega", self.omega), ("layer_range", self.layer_range)):
+            if key in state and state[key] != mine:
+                raise ValueError(f"state was saved with {key}={state[key]!r} but this IBDPSC has {key}={mine!r}")
+        super().load_state_dict(state)
+        k = state.get("k", self._k_arg)
+        self.k = None if k is None else int(k)
+        self.etas = [float(e) for e in state.get("etas", [])]
+        num = state.get("num_bn_layers")
+        self.num_bn_layers = None if num is None else int(num)
+
+    # -- pickling: the per-model cache is not part of the detector's state -------------------------
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cache = weakref.WeakKeyDictionary()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check_k(k: int, num_layers: int) -> None:
+        if k > num_layers:
+            raise ValueError(f"k must be at most the model's number of BatchNorm2d layers ({num_layers}), got k={k}")
+
+    def _entry(self, model: nn.Module, x: Tensor) -> Tuple[Any, List[str], Dict[str, Any]]:
+        sig = SharedPrefixRunner.signature(model)
+        entry = self._cache.get(model)
+        if entry is None or entry[0] != sig:
+            self._cache.clear()
+            entry = (sig, bn_layers(model, x), {})
+            self._cache[model] = entry
+        return entry
+
+    def _layers(self, model: nn.Module, x: Tensor) -> List[str]:
+        return self._entry(model, x)[1]
+
+    def _runner(self, model: nn.Module, layers: Sequence[str], first: str, x: Tensor) -> Optional[SharedPrefixRunner]:
+        runners = self._entry(model, x)[2]
+        if first not in runners:
+            runners[first] = SharedPrefixRunner.try_build(model, layers, first, example=x, omega=self.omega)
+        return runners[first]

@@ -1,0 +1,211 @@
+"""SCALE-UP: scaled prediction consistency (black-box, label-only).
+
+Guo et al., "SCALE-UP: An Efficient Black-box Input-level Backdoor Detection via Analyzing
+Scaled Prediction Consistency", ICLR 2023. Multiplying every pixel by ``n > 1`` (then clipping
+to [0, 1]) leaves poisoned inputs on the target class while benign predictions drift.
+
+    det = ScaleUp()                                  # data-free: score = SPC, threshold 0.5
+    scores = det.score(model, x)
+
+    det = ScaleUp(mode="data_limited").fit(model, benign_loader)
+    scores = det.score(model, x)                     # per-predicted-class z-score of SPC
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_choice, check_positive_int, check_probability
+from ..utils import evaluating, model_device
+from .base import DETECTORS, Detector, iter_benign, threshold_at_fpr
+from .functional.scale_up import DEFAULT_SCALES, check_scales, scale_up_class_stats, scale_up_nspc, scale_up_spc
+
+SCALE_UP_MODES = ("data_free", "data_limited", "data_limited_global")
+
+
+@DETECTORS.register("scale_up")
+class ScaleUp(Detector):
+    """SCALE-UP input-level backdoor detector (black-box, label-only; METHODS.md section 2).
+
+    Modes:
+        ``"data_free"``: score = SPC(x), the share of scales ``n`` in ``scales`` for which
+            ``C(clip(n*x, 0, 1)) == C(x)``. No fit needed. Default threshold **0.5**: an input is
+            flagged when its prediction survives more than half of the scalings (a majority vote
+            over ``S``; with the default five scales, SPC >= 0.6).
+        ``"data_limited"`` (the paper's data-limited variant): ``fit`` records the mean and std of
+            benign SPC per *predicted* class; score = ``(SPC - mu[C(x)]) / sigma[C(x)]``. Classes
+            absent from the fit data or with zero std fall back to the global benign mean/std
+            (with a warning); if the global std is zero too, sigma = 1 is used.
+        ``"data_limited_global"``: one global benign mean/std (public-code form; a monotone
+            transform of SPC, so AUROC equals the data-free one), for comparison.
+
+    Threshold: ``threshold`` when given; otherwise 0.5 in data-free mode and, in the data-limited
+    modes, set by ``fit`` so that at most ``target_fpr`` (default 5%) of the benign fit scores lie
+    strictly above it (SPC is discrete, so the achieved FPR can be lower).
+
+    Args:
+        scales: scaling factors ``S`` (all > 0), paper default ``(3, 5, 7, 9, 11)``.
+        mode: one of ``"data_free"``, ``"data_limited"``, ``"data_limited_global"``.
+        threshold: decision threshold for ``predict`` (``score > threshold``), or None for the default.
+        batch_size: maximum images per forward pass (the ``(1 + |S|) * N`` scaled copies are chunked).
+        target_fpr: benign false-positive rate used to set the threshold in data-limited modes.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        >>> ScaleUp().score(net, torch.rand(4, 3, 2, 2)).shape
+        torch.Size([4])
+    """
+
+    name = "scale_up"
+    threat_model = "black-box, label-only"
+
+    def __init__(
+        self,
+        scales: Sequence[float] = DEFAULT_SCALES,
+        mode: str = "data_free",
+        threshold: Optional[float] = None,
+        batch_size: int = 512,
+        target_fpr: float = 0.05,
+    ) -> None:
+        self.scales = check_scales(scales)
+        self.mode = check_choice(mode, "mode", SCALE_UP_MODES)
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.target_fpr = check_probability(target_fpr, "target_fpr", high_open=True)
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise TypeError(f"threshold must be a real number or None, got {threshold!r}")
+        self._threshold_arg = None if threshold is None else float(threshold)
+        default = 0.5 if mode == "data_free" else math.nan
+        super().__init__(default if threshold is None else float(threshold))
+        self.requires_fit = mode != "data_free"
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self.num_classes = 0
+        self.mean_per_class: Optional[Tensor] = None
+        self.std_per_class: Optional[Tensor] = None
+        self.counts: Optional[Tensor] = None
+        self.global_mean = math.nan
+        self.global_std = math.nan
+
+    # -- interface -------------------------------------------------------------------------------
+    def fit(self, model: nn.Module, benign: Any) -> "ScaleUp":
+        """Data-limited modes: per-predicted-class (and global) benign SPC statistics, and the
+        threshold if none was given. Data-free mode: nothing to fit."""
+        if self.mode == "data_free":
+            self.fitted = True
+            return self
+        device = model_device(model)
+        spcs, preds, num_classes = [], [], 0
+        with evaluating(model):
+            for x, y in iter_benign(benign, device):
+                spc, pred = scale_up_spc(model, x, self.scales, batch_size=self.batch_size, return_pred=True)
+                spcs.append(spc)
+                preds.append(pred)
+                num_classes = max(num_classes, int(y.max()) + 1, int(pred.max()) + 1)
+        spc, pred = torch.cat(spcs).cpu(), torch.cat(preds).cpu()
+
+        gmean, gstd = float(spc.mean()), float(spc.std(correction=0))
+        if gstd == 0:
+            warnings.warn(
+                f"ScaleUp.fit: all {len(spc)} benign SPC values equal {gmean:.3g}; using global std 1 "
+                "so scores are SPC - mean",
+                UserWarning,
+                stacklevel=2,
+            )
+            gstd = 1.0
+        mean, std, counts = scale_up_class_stats(spc, pred, num_classes)
+        bad = (counts == 0) | ~(std > 0)
+        if self.mode == "data_limited" and bool(bad.any()):
+            missing = (counts == 0).nonzero().flatten().tolist()
+            zero_std = ((counts > 0) & ~(std > 0)).nonzero().flatten().tolist()
+            warnings.warn(
+                f"ScaleUp.fit: predicted classes {missing} are missing from the benign data and classes "
+                f"{zero_std} have zero SPC std; they fall back to the global mean {gmean:.3g} / std {gstd:.3g}",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.mean_per_class = torch.where(bad, torch.full_like(mean, gmean), mean)
+        self.std_per_class = torch.where(bad, torch.full_like(std, gstd), std)
+        self.counts = counts
+        self.num_classes = num_classes
+        self.global_mean, self.global_std = gmean, gstd
+        self.fitted = True
+        if self._threshold_arg is None:
+            self.threshold = threshold_at_fpr(self._transform(spc, pred), self.target_fpr)
+        return self
+
+    def score(self, model: nn.Module, x: Tensor) -> Tensor:
+        """SPC (data-free) or normalised SPC (data-limited) of ``x``; higher = more likely poisoned."""
+        self._check_fitted()
+        x = self._check_input(model, x)
+        with evaluating(model):
+            spc, pred = scale_up_spc(model, x, self.scales, batch_size=self.batch_size, return_pred=True)
+        return self._transform(spc, pred)
+
+    def hparams(self) -> Dict[str, Any]:
+        return {
+            "scales": list(self.scales),
+            "mode": self.mode,
+            "threshold": self._threshold_arg,
+            "batch_size": self.batch_size,
+            "target_fpr": self.target_fpr,
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {
+            "fitted": self.fitted,
+            "threshold": self.threshold,
+            "mode": self.mode,
+            "scales": list(self.scales),
+        }
+        if self.mode != "data_free" and self.fitted:
+            state.update(
+                num_classes=self.num_classes,
+                mean_per_class=self.mean_per_class,
+                std_per_class=self.std_per_class,
+                counts=self.counts,
+                global_mean=self.global_mean,
+                global_std=self.global_std,
+            )
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for key, mine in (("mode", self.mode), ("scales", list(self.scales))):
+            if key in state and state[key] != mine:
+                raise ValueError(f"state was saved with {key}={state[key]!r} but this ScaleUp has {key}={mine!r}")
+        super().load_state_dict(state)
+        self.threshold = float(state.get("threshold", self.threshold))
+        self._reset_stats()
+        if self.mode != "data_free" and self.fitted:
+            self.num_classes = int(state["num_classes"])
+            self.mean_per_class = state["mean_per_class"].float().cpu()
+            self.std_per_class = state["std_per_class"].float().cpu()
+            self.counts = state["counts"].long().cpu()
+            self.global_mean = float(state["global_mean"])
+            self.global_std = float(state["global_std"])
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _transform(self, spc: Tensor, pred: Tensor) -> Tensor:
+        if self.mode == "data_free":
+            return spc
+        if self.mode == "data_limited_global":
+            return (spc - self.global_mean) / self.global_std
+        assert self.mean_per_class is not None and self.std_per_class is not None
+        mean, std = self.mean_per_class, self.std_per_class
+        top = int(pred.max()) + 1 if len(pred) else 0
+        if top > len(mean):
+            warnings.warn(
+                f"ScaleUp.score: predicted classes >= {len(mean)} were not seen when fitting; "
+                "they use the global benign mean/std",
+                UserWarning,
+                stacklevel=3,
+            )
+            extra = top - len(mean)
+            mean = torch.cat([mean, torch.full((extra,), self.global_mean)])
+            std = torch.cat([std, torch.full((extra,), self.global_std)])
+        return scale_up_nspc(spc, pred, mean, std)

@@ -1,0 +1,193 @@
+"""Adaptive attacks against IBD-PSC (METHODS.md section 3, "Adaptive attacks against it")."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validation import check_positive_float, check_positive_int, check_probability
+from ..detectors.base import collect_benign
+from ..detectors.functional.ibd_psc import _bn_candidates, amplified_forward, bn_layers, select_k
+from ..utils import model_device, preserved_rng
+from .base import LOSSES, LossTerm
+
+IBD_PSC_DESIGNS = (1, 2)
+
+
+@LOSSES.register("ibd_psc_adaptive")
+class IBDPSCAdaptiveLoss(LossTerm):
+    """The two adaptive-attack designs against IBD-PSC; the attacker knows ω and ``k``.
+
+    With ``F̂_k^ω`` the model with γ and β of its last ``k`` BatchNorm2d layers multiplied by ω:
+
+    - Design 1 (keep benign samples correct under amplification):
+      ``L = α·L_bd + (1−α)·mean_benign CE(F̂_k^ω(x_i), y_i)``, α ∈ {0.2, 0.5, 0.9, 0.99} in the paper.
+    - Design 2 (push poisoned samples off the target under amplification, soft labels):
+      ``L = α'·L_bd + (1−α')·mean_poisoned CE(F̂_k^ω(x_j), ŷ)`` with ``ŷ_t = 1−ζ`` and
+      ``ŷ_c = ζ/(K−1)`` otherwise; α' ∈ {0.01, 0.1, 0.5} in the paper.
+
+    ``main_weight`` is α; the term returns the ``(1−α)·CE`` part, or None (``skipped += 1``) when
+    the batch holds no benign (design 1) or no poisoned (design 2) sample.
+
+    The amplified pass scales γ, β inside the autograd graph (``torch.func.functional_call``),
+    so gradients reach the original BN parameters and every other weight; the model is never
+    mutated or copied. It runs in the caller's mode: during training, BatchNorm normalises the
+    sub-batch with its own batch statistics, as the main forward does, but running statistics
+    are NOT updated by it (they are updated once, by the main forward). The detector, in
+    contrast, always scores in eval mode.
+
+    ``k="auto"`` selects ``k`` like the defender would (Algorithm 1 on ``max_fit_samples`` benign
+    samples with threshold ``xi``): call ``fit(model, benign)`` before training; the choice is
+    stored in ``k`` / ``etas`` and in the module's state dict (extra state).
+
+    Args:
+        design: 1 or 2.
+        alpha: weight α of the vanilla loss, in ``[0, 1]``.
+        omega: amplification factor ω (> 0).
+        k: number of last BN layers amplified, or ``"auto"``.
+        zeta: soft-label mass ζ moved off the target (design 2), in ``[0, 1)``.
+        num_classes: K for the soft labels; default: the model's output width.
+        xi: error-rate threshold for ``k="auto"``.
+        max_fit_samples: benign samples used by ``fit`` for ``k="auto"``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+        >>> term = IBDPSCAdaptiveLoss(design=1, alpha=0.5, k=1)
+        >>> x, y = torch.rand(4, 3, 4, 4), torch.tensor([0, 1, 2, 0])
+        >>> term(net, x, y, torch.tensor([True, False, False, False]), y, 0).shape
+        torch.Size([])
+    """
+
+    name = "ibd_psc_adaptive"
+
+    def __init__(
+        self,
+        design: int = 1,
+        alpha: float = 0.5,
+        omega: float = 1.5,
+        k: Union[int, str] = "auto",
+        zeta: float = 0.1,
+        num_classes: Optional[int] = None,
+        xi: float = 0.6,
+        max_fit_samples: int = 100,
+    ) -> None:
+        super().__init__()
+        if isinstance(design, bool) or design not in IBD_PSC_DESIGNS:
+            raise ValueError(f"design must be one of {list(IBD_PSC_DESIGNS)}, got {design!r}")
+        self.design = int(design)
+        self.alpha = check_probability(alpha, "alpha")
+        self.omega = check_positive_float(omega, "omega")
+        self.zeta = check_probability(zeta, "zeta", high_open=True)
+        self.xi = check_probability(xi, "xi")
+        self.max_fit_samples = check_positive_int(max_fit_samples, "max_fit_samples")
+        if k != "auto":
+            if isinstance(k, str):
+                raise ValueError(f"k must be a positive int or 'auto', got {k!r}")
+            check_positive_int(k, "k")
+        if num_classes is not None:
+            check_positive_int(num_classes, "num_classes")
+            if num_classes < 2:
+                raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.main_weight = self.alpha
+        self.requires_fit = k == "auto"
+        self._k_arg = k
+        self.k: Optional[int] = None if k == "auto" else int(k)
+        self.etas: List[float] = []
+        self._layers_key: Optional[Tuple[Any, ...]] = None
+        self._layers: List[str] = []
+
+    def fit(self, model: nn.Module, benign: Any) -> "IBDPSCAdaptiveLoss":
+        """``k="auto"``: run the layer selection on benign data. Fixed ``k``: check it against the model."""
+        device = model_device(model)
+        x, y = collect_benign(benign, device, self.max_fit_samples)
+        with preserved_rng(device):
+            layers = self._bn_layers(model, x)
+            if self._k_arg == "auto":
+                self.k, self.etas = select_k(model, x, y, self.omega, self.xi, layers=layers)
+            else:
+                self._check_k(len(layers))
+        return self
+
+    def forward(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        poisoned: Tensor,
+        original_y: Tensor,
+        target: Union[int, Tensor, None] = None,
+        logits: Optional[Tensor] = None,
+    ) -> Optional[Tensor]:
+        y, poisoned, original_y = self._check_batch(x, y, poisoned, original_y)
+        if self.k is None:
+            raise RuntimeError("IBDPSCAdaptiveLoss(k='auto') must be fitted first: call term.fit(model, benign)")
+        mask = ~poisoned if self.design == 1 else poisoned
+        xs = x[mask]
+        if len(xs) == 0:
+            self._skip()
+            return None
+        layers = self._bn_layers(model, x)
+        self._check_k(len(layers))
+        out = amplified_forward(model, xs, layers[len(layers) - self.k :], self.omega)
+        if self.design == 1:
+            ce = F.cross_entropy(out, y[mask].to(out.device))
+        else:
+            ce = F.cross_entropy(out, self._soft_labels(out, self._targets(target, y, mask)))
+        return (1.0 - self.alpha) * ce
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"k": self.k, "etas": list(self.etas)}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        k = state.get("k")
+        self.k = None if k is None else int(k)
+        self.etas = [float(e) for e in state.get("etas", [])]
+
+    def extra_repr(self) -> str:
+        return (
+            f"design={self.design}, alpha={self.alpha}, omega={self.omega}, k={self.k if self.k is not None else 'auto'}, "
+            f"zeta={self.zeta}, num_classes={self.num_classes}"
+        )
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _bn_layers(self, model: nn.Module, x: Tensor) -> List[str]:
+        """BN layer names in forward order, traced once per model (keyed by module identities, no model reference)."""
+        key = (id(model),) + tuple((name, id(m)) for name, m in _bn_candidates(model))
+        if key != self._layers_key:
+            self._layers = bn_layers(model, x)
+            self._layers_key = key
+        return self._layers
+
+    def _check_k(self, num_layers: int) -> None:
+        assert self.k is not None
+        if self.k > num_layers:
+            raise ValueError(f"k must be at most the model's number of BatchNorm2d layers ({num_layers}), got k={self.k}")
+
+    @staticmethod
+    def _targets(target: Union[int, Tensor, None], y: Tensor, mask: Tensor) -> Tensor:
+        if target is None:
+            return y[mask]
+        if isinstance(target, Tensor):
+            if target.dim() == 0:
+                return target.long().expand(int(mask.sum())).to(y.device)
+            if target.shape != y.shape:
+                raise ValueError(f"target must be an int or a Tensor of shape {tuple(y.shape)}, got shape {tuple(target.shape)}")
+            return target.long().to(y.device)[mask]
+        if isinstance(target, bool) or not isinstance(target, int):
+            raise TypeError(f"target must be an int class index or a Tensor of labels, got {target!r}")
+        return torch.full((int(mask.sum()),), target, dtype=torch.long, device=y.device)
+
+    def _soft_labels(self, out: Tensor, targets: Tensor) -> Tensor:
+        num_classes = out.shape[-1]
+        if self.num_classes is not None and self.num_classes != num_classes:
+            raise ValueError(f"num_classes={self.num_classes} but the model outputs {num_classes} logits")
+        if num_classes < 2:
+            raise ValueError(f"design 2 needs at least 2 classes, the model outputs {num_classes} logits")
+        if bool(((targets < 0) | (targets >= num_classes)).any()):
+            raise ValueError(f"target labels must lie in [0, {num_classes - 1}], got {targets.tolist()}")
+        soft = torch.full((len(targets), num_classes), self.zeta / (num_classes - 1), dtype=out.dtype, device=out.device)
+        return soft.scatter_(1, targets.to(out.device).view(-1, 1), 1.0 - self.zeta)

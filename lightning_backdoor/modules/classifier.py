@@ -1,0 +1,203 @@
+"""``BackdoorClassifier``: a LightningModule that trains a (possibly poisoned) image classifier."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..metrics.backdoor import AttackSuccessRate, BenignAccuracy
+
+
+def parse_batch(batch: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x, y, poisoned, original_y)`` from a :class:`~lightning_backdoor.data.Sample` batch or an ``(x, y)`` batch."""
+    if isinstance(batch, dict):
+        x, y = batch["x"], batch["y"]
+        poisoned = batch.get("poisoned", torch.zeros_like(y, dtype=torch.bool))
+        return x, y, poisoned.bool(), batch.get("original_y", y)
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise TypeError(f"expected a batch (x, y[, poisoned, original_y, index]), got {type(batch).__name__}")
+    x, y = batch[0], batch[1]
+    poisoned = batch[2].bool() if len(batch) > 2 else torch.zeros_like(y, dtype=torch.bool)
+    original_y = batch[3] if len(batch) > 3 else y
+    return x, y, poisoned, original_y
+
+
+def noise_key(sigma: float) -> str:
+    """Metric-name suffix of a noise level: ``asr@noise0.05``."""
+    return f"asr@noise{sigma:g}"
+
+
+class BackdoorClassifier(LightningModule):
+    """Trains ``net`` on (poisoned) data and logs benign accuracy and attack success rate.
+
+    Logged keys: ``train/loss`` (total), ``train/loss/bd`` (the vanilla objective),
+    ``train/loss/{term.name}`` for each extra loss term, ``{stage}/ba``, ``{stage}/asr`` and
+    ``{stage}/asr@noise{σ}`` for each ``noise_sigmas`` value (``stage`` in ``val``, ``test``).
+    BA/ASR are torchmetrics with summed counters (correct under DDP).
+
+    Validation/test loaders are ``[clean, poisoned]`` as built by
+    :class:`~lightning_backdoor.data.BackdoorDataModule` (dataloader 0: BA, 1: ASR).
+
+    Args:
+        net: any ``nn.Module`` mapping ``[0, 1]`` images to logits (normalisation inside).
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI: ``class_path`` + ``init_args``).
+        scheduler: optional callable ``optimizer -> LRScheduler`` (stepped per epoch).
+        losses: extra loss terms (adaptive attacks, :mod:`lightning_backdoor.losses`): the total is
+            ``prod(term.main_weight) * L_bd + sum(term(...))``.
+        target: the target label (default: the data module's ``target``).
+        noise_sigmas: Gaussian input-noise levels for ``asr@noise{σ}`` (SCALE-UP's robustness check).
+        noise_seed: seeds that noise (a local generator; the global RNG is untouched).
+
+    Example:
+        >>> from lightning_backdoor.models import create_model
+        >>> module = BackdoorClassifier(create_model("resnet20", num_classes=10, in_channels=1))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: Optional[LRSchedulerCallable] = None,
+        losses: Sequence[nn.Module] = (),
+        target: Optional[int] = None,
+        noise_sigmas: Sequence[float] = (),
+        noise_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        for s in noise_sigmas:
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0 or not math.isfinite(s):
+                raise ValueError(f"noise_sigmas must be positive numbers, got {list(noise_sigmas)}")
+        self.net = net
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.loss_terms = nn.ModuleList(list(losses))
+        for term in self.loss_terms:
+            if not getattr(term, "name", None):
+                raise TypeError(f"each loss term needs a 'name' attribute, got {type(term).__name__}")
+        self.target = target
+        self.noise_sigmas = tuple(float(s) for s in noise_sigmas)
+        self.noise_seed = int(noise_seed)
+        self.metrics = nn.ModuleDict()
+        for stage in ("val", "test"):
+            self.metrics[f"{stage}_ba"] = BenignAccuracy()
+            self.metrics[f"{stage}_asr"] = AttackSuccessRate()
+            for i, _ in enumerate(self.noise_sigmas):
+                self.metrics[f"{stage}_asr_noise{i}"] = AttackSuccessRate()
+        self.save_hyperparameters(ignore=["net", "losses", "optimizer", "scheduler", "target"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.target is None and dm is not None and getattr(dm, "attack", None) is not None:
+            self.target = int(dm.target)
+        num_classes = getattr(dm, "num_classes", None)
+        net_classes = getattr(self.net, "num_classes", None)
+        if num_classes and net_classes and int(num_classes) != int(net_classes):
+            raise ValueError(
+                f"mismatched num_classes: the net outputs {net_classes} classes but the dataset "
+                f"{getattr(dm.spec, 'name', '')!r} has {num_classes}; set the model's num_classes={num_classes}"
+            )
+        in_ch = getattr(self.net, "in_channels", None)
+        spec = getattr(dm, "spec", None)
+        if in_ch and spec is not None and int(in_ch) != int(spec.channels):
+            raise ValueError(
+                f"mismatched channels: the net expects in_channels={in_ch} but dataset {spec.name!r} "
+                f"has {spec.channels}-channel images; set the model's in_channels={spec.channels}"
+            )
+
+    def on_fit_start(self) -> None:
+        self._log_backdoor_info()
+        dm = getattr(self.trainer, "datamodule", None)
+        for term in self.loss_terms:
+            if getattr(term, "requires_fit", False) and not getattr(term, "fitted", False):
+                if dm is None or not hasattr(dm, "defense_dataloader"):
+                    raise RuntimeError(f"loss term {term.name!r} needs benign data to fit; use a BackdoorDataModule "
+                                       "or call term.fit(model, benign) before training")
+                term.fit(self.net, dm.defense_dataloader())
+                k = getattr(term, "k", None)
+                if k is not None:
+                    for logger in self.loggers:
+                        logger.log_hyperparams({f"loss/{term.name}/k": int(k)})
+
+    def on_test_start(self) -> None:
+        self._log_backdoor_info()
+
+    def _log_backdoor_info(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "backdoor_info"):
+            return
+        info = {"backdoor": dm.backdoor_info()}
+        for logger in self.loggers:
+            logger.log_hyperparams(info)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+
+    # -- training --------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y, poisoned, original_y = parse_batch(batch)
+        logits = self.net(x)
+        loss_bd = F.cross_entropy(logits, y)
+        main_weight = 1.0
+        extra = torch.zeros((), device=loss_bd.device)
+        for term in self.loss_terms:
+            main_weight *= float(getattr(term, "main_weight", 1.0))
+            value = term(self.net, x, y, poisoned, original_y, self.target, logits=logits)
+            if value is None:
+                continue
+            extra = extra + value
+            self.log(f"train/loss/{term.name}", value.detach(), on_step=True, on_epoch=True, batch_size=len(x))
+        loss = main_weight * loss_bd + extra
+        n = len(x)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        if len(self.loss_terms):
+            self.log("train/loss/bd", loss_bd.detach(), on_step=True, on_epoch=True, batch_size=n)
+            for term in self.loss_terms:
+                if hasattr(term, "skipped"):
+                    self.log(f"train/loss/{term.name}_skipped", float(term.skipped), on_step=False, on_epoch=True,
+                             reduce_fx="max", batch_size=n)
+        return loss
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, batch_idx, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, batch_idx, dataloader_idx)
+
+    def _eval_step(self, stage: str, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        x, y, poisoned, original_y = parse_batch(batch)
+        logits = self.net(x)
+        n = len(x)
+        if dataloader_idx == 0:
+            metric = self.metrics[f"{stage}_ba"]
+            metric.update(logits, y)
+            self.log(f"{stage}/ba", metric, on_step=False, on_epoch=True, prog_bar=True,
+                     add_dataloader_idx=False, batch_size=n)
+            return
+        if self.target is None:
+            raise RuntimeError("a poisoned evaluation loader needs target=<label> (or a BackdoorDataModule with an attack)")
+        metric = self.metrics[f"{stage}_asr"]
+        metric.update(logits, original_y, self.target)
+        self.log(f"{stage}/asr", metric, on_step=False, on_epoch=True, prog_bar=True, add_dataloader_idx=False, batch_size=n)
+        if self.noise_sigmas:
+            gen = torch.Generator(device=x.device).manual_seed(self.noise_seed + batch_idx)
+            for i, sigma in enumerate(self.noise_sigmas):
+                noisy = (x + sigma * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)).clamp_(0, 1)
+                m = self.metrics[f"{stage}_asr_noise{i}"]
+                m.update(self.net(noisy), original_y, self.target)
+                self.log(f"{stage}/{noise_key(sigma)}", m, on_step=False, on_epoch=True,
+                         add_dataloader_idx=False, batch_size=n)
