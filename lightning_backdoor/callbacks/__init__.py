@@ -1,0 +1,6 @@
+"""Lightning callbacks: backdoor detection and BA/ASR for any LightningModule."""
+
+from .backdoor_metrics import BackdoorMetrics
+from .detection import DetectionCallback
+
+__all__ = ["BackdoorMetrics", "DetectionCallback"]

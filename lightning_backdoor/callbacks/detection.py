@@ -1,0 +1,311 @@
+"""``DetectionCallback``: run input-level backdoor detectors at validate/test time and log how well they work."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..detectors.base import Detector, collect_benign
+from ..metrics.detection import DetectionMetrics
+from ..utils import evaluating, model_device
+from ._evaluation import iter_batches, per_sample_noise, rank_and_world, shard
+
+_STAGES = ("validate", "test")
+_PREFIX = {"validate": "val", "test": "test"}
+
+
+def resolve_net(pl_module: nn.Module, attr: Optional[str]) -> nn.Module:
+    """The classifier detectors should see: ``pl_module.<attr>`` (default ``net`` if present) or the module."""
+    if attr is not None:
+        net = getattr(pl_module, attr, None)
+        if not isinstance(net, nn.Module):
+            raise AttributeError(f"model_attr={attr!r}: the LightningModule has no nn.Module attribute {attr!r}")
+        return net
+    net = getattr(pl_module, "net", None)
+    return net if isinstance(net, nn.Module) else pl_module
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DetectionCallback(Callback):
+    """Scores benign and poisoned evaluation samples with each detector and logs detection metrics.
+
+    Works in any Lightning training whose module's forward (or ``module.net``) returns logits. Samples
+    come from the :class:`~lightning_backdoor.data.BackdoorDataModule` (``eval_dataloaders(stage)`` and
+    ``defense_dataloader()``) or from loaders given here. Data-limited detectors are fitted, at each
+    run, on a small benign set held apart from the evaluated samples (``fit_loader`` or the data
+    module's defence split).
+
+    Logged keys, per ``stage`` in ``val``/``test`` and detector ``det`` (its ``name``):
+
+    - ``{stage}/{det}/auroc``, ``/f1`` (at the detector's threshold), ``/tpr@fpr1``, ``/tpr@fpr5``: all
+      evaluated samples (positives: poisoned inputs whose true label is not the target; negatives:
+      benign inputs);
+    - ``{stage}/{det}/successful/auroc``, ``/f1``, ``/tpr@fpr1``, ``/tpr@fpr5``: only poisoned inputs
+      predicted as the target and benign inputs predicted correctly;
+    - ``{stage}/{det}/relative_cost``: detector time per image / plain forward time per image;
+    - ``{stage}/{det}/k`` for detectors with a selected layer count (IBD-PSC);
+    - with a ``WandbLogger`` and ``plots=True``: ``{stage}/{det}/roc`` and ``{stage}/{det}/scores``
+      images (ROC curve; benign vs poisoned score histograms).
+
+    Metrics are torchmetrics with ``"cat"`` states: under DDP each rank scores its own share of the
+    samples (no padding, no repeats) and the metrics equal the single-process ones.
+
+    Args:
+        detectors: the detectors to run (e.g. ``[ScaleUp(), IBDPSC(), Strip()]``).
+        stages: any of ``"validate"``, ``"test"``.
+        every_n_epochs: run at validation every n epochs (test always runs).
+        max_samples: cap on benign and on poisoned samples per run (None: all).
+        fit_samples: cap on the benign samples used for fitting detectors.
+        noise_copies: also score a noise-augmented copy of both sets (as the papers do).
+        noise_magnitude: standard deviation of that noise (0.05).
+        benign_loader / poisoned_loader / fit_loader: loaders to use instead of the data module's;
+            batches are ``(x, y, ...)`` tuples or dicts with ``x``/``y``; ``x`` in ``[0, 1]``.
+        target: the target label (default: the data module's ``target``).
+        model_attr: attribute of the LightningModule holding the classifier (default: ``net`` if
+            present, else the module itself).
+        plots: log ROC curves and score histograms to W&B loggers.
+        progress: show a progress bar while scoring.
+        seed: seeds the noise copies.
+    """
+
+    def __init__(
+        self,
+        detectors: Sequence[Detector],
+        stages: Sequence[str] = _STAGES,
+        every_n_epochs: int = 1,
+        max_samples: Optional[int] = 1000,
+        fit_samples: Optional[int] = 200,
+        noise_copies: bool = False,
+        noise_magnitude: float = 0.05,
+        benign_loader: Optional[DataLoader] = None,
+        poisoned_loader: Optional[DataLoader] = None,
+        fit_loader: Optional[DataLoader] = None,
+        target: Optional[int] = None,
+        model_attr: Optional[str] = None,
+        plots: bool = True,
+        progress: bool = True,
+        seed: int = 0,
+    ) -> None:
+        detectors = list(detectors)
+        if not detectors:
+            raise ValueError("detectors must be a non-empty list of Detector instances, e.g. [ScaleUp(), Strip()]")
+        for d in detectors:
+            if not isinstance(d, Detector):
+                raise TypeError(f"detectors must be Detector instances, got {type(d).__name__}")
+        names = [d.name for d in detectors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"detector names must be unique (they name the metrics), got {names}")
+        if isinstance(stages, str):
+            stages = (stages,)
+        for s in stages:
+            if s not in _STAGES:
+                raise ValueError(f"stages must be a subset of {list(_STAGES)}, got {list(stages)}")
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be an int >= 1, got {every_n_epochs!r}")
+        for name, v in (("max_samples", max_samples), ("fit_samples", fit_samples)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        if not isinstance(noise_magnitude, (int, float)) or not 0 < noise_magnitude <= 1:
+            raise ValueError(f"noise_magnitude must be in (0, 1], got {noise_magnitude!r}")
+        self.detectors = detectors
+        self.stages = tuple(stages)
+        self.every_n_epochs = every_n_epochs
+        self.max_samples, self.fit_samples = max_samples, fit_samples
+        self.noise_copies, self.noise_magnitude = bool(noise_copies), float(noise_magnitude)
+        self.benign_loader, self.poisoned_loader, self.fit_loader = benign_loader, poisoned_loader, fit_loader
+        self.target, self.model_attr = target, model_attr
+        self.plots, self.progress, self.seed = plots, progress, int(seed)
+        self.last_results: Dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(detectors=[d.name for d in self.detectors], stages=list(self.stages))
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "validate" not in self.stages or trainer.sanity_checking:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0 and trainer.state.fn == "fit":
+            return
+        self._run(trainer, pl_module, "validate")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "test" in self.stages:
+            self._run(trainer, pl_module, "test")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"detectors": {d.name: d.state_dict() for d in self.detectors}}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        for d in self.detectors:
+            if d.name in state_dict.get("detectors", {}):
+                d.load_state_dict(state_dict["detectors"][d.name])
+
+    # -- work ------------------------------------------------------------------------------------
+    def _loaders(self, trainer: Trainer, stage: str) -> Tuple[Optional[DataLoader], Optional[DataLoader], Optional[DataLoader]]:
+        benign, poisoned, fit = self.benign_loader, self.poisoned_loader, self.fit_loader
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "eval_dataloaders"):
+            dm_benign, dm_poisoned = dm.eval_dataloaders(stage)
+            benign = benign if benign is not None else dm_benign
+            poisoned = poisoned if poisoned is not None else dm_poisoned
+            if fit is None and getattr(dm, "defense_size", 0):
+                fit = dm.defense_dataloader()
+        return benign, poisoned, fit
+
+    def _target(self, trainer: Trainer) -> Optional[int]:
+        if self.target is not None:
+            return int(self.target)
+        dm = getattr(trainer, "datamodule", None)
+        return int(dm.target) if dm is not None and getattr(dm, "attack", None) is not None else None
+
+    def _run(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        prefix = _PREFIX[stage]
+        benign, poisoned, fit = self._loaders(trainer, stage)
+        if benign is None or poisoned is None:
+            rank_zero_warn(f"DetectionCallback: no {'benign' if benign is None else 'poisoned'} loader for "
+                           f"stage {stage!r}; skipping detection (pass benign_loader/poisoned_loader or use a "
+                           "BackdoorDataModule with an attack)")
+            return
+        target = self._target(trainer)
+        net = resolve_net(pl_module, self.model_attr)
+        device = pl_module.device
+        active = self._fit_detectors(net, fit, prefix)
+        if not active:
+            return
+        rank, world = rank_and_world(trainer)
+        results = self._score_sets(net, active, benign, poisoned, target, device, rank, world, prefix)
+        values: Dict[str, float] = {}
+        for det in active:
+            for subset, metric in results["metrics"][det.name].items():
+                n_pos, n_neg = self._counts(metric)
+                if n_pos == 0 or n_neg == 0:
+                    rank_zero_warn(f"DetectionCallback: {prefix}/{det.name}{subset}: {n_pos} poisoned and {n_neg} "
+                                   "benign samples; AUROC needs both, skipping these metrics")
+                    metric.reset()
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # one-class/equal-score warnings are handled above
+                    out = metric.compute()
+                for key, val in out.items():
+                    values[f"{prefix}/{det.name}{subset}/{key}"] = float(val)
+                if subset == "" and self.plots:
+                    self._plot(trainer, prefix, det, metric)
+                metric.reset()
+            cost = results["cost"][det.name]
+            values[f"{prefix}/{det.name}/relative_cost"] = cost
+            k = getattr(det, "k", None)
+            if isinstance(k, int):
+                values[f"{prefix}/{det.name}/k"] = float(k)
+        for key, val in values.items():
+            pl_module.log(key, val, sync_dist=False, rank_zero_only=False)
+        self.last_results = values
+
+    def _fit_detectors(self, net: nn.Module, fit: Optional[DataLoader], prefix: str) -> List[Detector]:
+        active = []
+        benign = None
+        if fit is not None and any(d.requires_fit for d in self.detectors):
+            # the same held-apart samples on every rank, so fitted state is identical across ranks
+            benign = collect_benign(fit, device=model_device(net), max_samples=self.fit_samples)
+        for det in self.detectors:
+            if det.requires_fit:
+                if fit is None:
+                    rank_zero_warn(f"DetectionCallback: {det.name} needs benign data to fit and no fit_loader/"
+                                   "defense set is available; skipping it")
+                    continue
+                try:
+                    det.fit(net, benign)
+                except ValueError as e:  # e.g. IBD-PSC: no k reaches xi on this model
+                    rank_zero_warn(f"DetectionCallback: {prefix}/{det.name} could not be fitted: {e}")
+                    continue
+            active.append(det)
+        return active
+
+    def _score_sets(self, net, active, benign, poisoned, target, device, rank, world, prefix) -> Dict[str, Any]:
+        metrics = {d.name: {"": DetectionMetrics(d.threshold).to(device),
+                            "/successful": DetectionMetrics(d.threshold).to(device)} for d in active}
+        det_time = {d.name: 0.0 for d in active}
+        fwd_time, fwd_images = 0.0, 0
+        sets = [(benign, False, 0), (poisoned, True, 1)]
+        copies = [False, True] if self.noise_copies else [False]
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            tqdm = None
+        for loader, is_poisoned, set_id in sets:
+            sub, positions = shard(loader, rank, world, self.max_samples)
+            it = iter_batches(sub, positions, device)
+            if tqdm is not None and self.progress and rank == 0:
+                it = tqdm(it, total=len(sub), desc=f"{prefix} detection ({'poisoned' if is_poisoned else 'benign'})",
+                          leave=False, dynamic_ncols=True)
+            for x, y, pos in it:
+                for noisy in copies:
+                    xb = per_sample_noise(x, pos, self.noise_magnitude, self.seed * 2 + set_id) if noisy else x
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    with evaluating(net):
+                        preds = net(xb).argmax(dim=-1)
+                    _sync(device)
+                    fwd_time += time.perf_counter() - t0
+                    fwd_images += len(xb)
+                    label = torch.full((len(xb),), int(is_poisoned), dtype=torch.long, device=device)
+                    if is_poisoned:
+                        ok = preds == target if target is not None else torch.ones_like(preds, dtype=torch.bool)
+                    else:
+                        ok = preds == y if y is not None else torch.ones_like(preds, dtype=torch.bool)
+                    for det in active:
+                        t0 = time.perf_counter()
+                        scores = det.score(net, xb).to(device)
+                        _sync(device)
+                        det_time[det.name] += time.perf_counter() - t0
+                        metrics[det.name][""].update(scores, label)
+                        if bool(ok.any()):
+                            metrics[det.name]["/successful"].update(scores[ok], label[ok])
+        per_fwd = fwd_time / max(fwd_images, 1)
+        cost = {name: (t / max(fwd_images, 1)) / per_fwd if per_fwd > 0 else float("nan") for name, t in det_time.items()}
+        return {"metrics": metrics, "cost": cost}
+
+    @staticmethod
+    def _counts(metric: DetectionMetrics) -> Tuple[int, int]:
+        """Global numbers of poisoned / benign samples in ``metric`` (summed over ranks)."""
+        local = torch.cat(metric.target) if metric.target else torch.zeros(0, dtype=torch.long)
+        counts = torch.tensor([int(local.sum()), int((local == 0).sum())], device=metric.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        return int(counts[0]), int(counts[1])
+
+    def _plot(self, trainer: Trainer, prefix: str, det: Detector, metric: DetectionMetrics) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        from torchmetrics.utilities.distributed import gather_all_tensors
+
+        scores, labels = torch.cat(metric.scores), torch.cat(metric.target)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            scores = torch.cat(gather_all_tensors(scores))
+            labels = torch.cat(gather_all_tensors(labels))
+        if trainer.global_rank != 0:
+            return
+        try:
+            from ..plots import roc_and_histogram
+
+            roc_img, hist_img = roc_and_histogram(scores.cpu(), labels.cpu(), title=f"{prefix}/{det.name}",
+                                                  threshold=det.threshold)
+            for lg in loggers:
+                lg.log_image(key=f"{prefix}/{det.name}/roc", images=[roc_img], step=trainer.global_step)
+                lg.log_image(key=f"{prefix}/{det.name}/scores", images=[hist_img], step=trainer.global_step)
+        except Exception as e:  # plots must never break training
+            rank_zero_warn(f"DetectionCallback: could not log plots for {prefix}/{det.name}: {e!r}")
