@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -127,12 +128,25 @@ def _load_cifar10(root: str | None, download: bool = False, verify_integrity: bo
 
             def _check_integrity(self) -> bool:
                 base = Path(self.root) / self.base_folder
-                return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
+                names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+                return all((base / name).is_file() for name in names)
+
+            def _load_meta(self) -> None:  # torchvision md5-checks batches.meta here too
+                with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
+                    self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+                self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     try:
         train = cls(str(path), train=True, download=download)
         test = cls(str(path), train=False, download=download)
     except RuntimeError as e:
+        base = path / CIFAR10.base_folder
+        names = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+        if verify_integrity and all((base / n).is_file() for n in names):
+            raise DatasetNotFoundError(
+                f"CIFAR-10 files under {base} fail torchvision's md5 check ({e}); re-extract the official "
+                "archive, or pass verify_integrity=False for a subset written in the same format"
+            ) from None
         raise _not_found("CIFAR-10", path, how, e) from None
     return _from_numpy_hwc(train.data, train.targets), _from_numpy_hwc(test.data, test.targets)
 

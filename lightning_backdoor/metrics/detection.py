@@ -154,7 +154,7 @@ class DetectionMetrics(Metric):
 
     def update(self, scores: Tensor, is_poisoned: Tensor) -> None:  # type: ignore[override]
         scores, target = _check_inputs(scores, is_poisoned)
-        self.scores.append(scores.float())
+        self.scores.append(scores.double())  # float64: near-1 scores must not tie
         self.target.append(target)
 
     def compute(self) -> Dict[str, Tensor]:

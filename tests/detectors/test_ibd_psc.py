@@ -235,8 +235,8 @@ def test_score_matches_reference(k, n, layer_range, shared_prefix):
     got = ibd_psc_score(net, x, k, omega=1.5, n=n, layer_range=layer_range, shared_prefix=shared_prefix)
     start = k if layer_range == "paper" else k + 1
     ref = reference_psc(net, x, range(start, start + n), 1.5, TinyResNet.FORWARD_ORDER)
-    assert got.shape == (6,) and got.dtype == torch.float32
-    torch.testing.assert_close(got, ref.float(), rtol=0, atol=1e-5)
+    assert got.shape == (6,) and got.dtype == torch.float64
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=1e-5)
 
 
 def test_layer_range_differs():
@@ -253,7 +253,7 @@ def test_clipping_warns_and_averages_available_layers():
     with pytest.warns(UserWarning, match="clipping to 6"):
         got = ibd_psc_score(net, x, 5, n=5)
     ref = reference_psc(net, x, [5, 6], 1.5, TinyResNet.FORWARD_ORDER)
-    torch.testing.assert_close(got, ref.float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=1e-5)
     assert amplified_layer_counts(5, 5, 6, warn=False) == [5, 6]
     assert amplified_layer_counts(6, 3, 6, "published", warn=False) == [6]
     with pytest.raises(ValueError, match="k must be at most"):
@@ -296,7 +296,7 @@ def test_untraceable_model_falls_back_once(monkeypatch):
     net, x = tiny(cls=Untraceable), images(4)
     with pytest.warns(UserWarning, match="falling back"):
         got = ibd_psc_score(net, x, 2, n=3)
-    torch.testing.assert_close(got, reference_psc(net, x, [2, 3, 4], 1.5, TinyResNet.FORWARD_ORDER).float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.float(), reference_psc(net, x, [2, 3, 4], 1.5, TinyResNet.FORWARD_ORDER).float(), rtol=0, atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ibd_psc_score(net, x, 2, n=3)  # warned once only
@@ -373,8 +373,8 @@ def test_detector_score_leaves_model_and_rng_alone():
     assert_unchanged(net, snap)
     assert torch.equal(torch.get_rng_state(), rng)
     ref = reference_psc(net, x, [2, 3, 4], 1.5, TinyResNet.FORWARD_ORDER).float()
-    torch.testing.assert_close(scores, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(single, ref[:1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores.float(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(single.float(), ref[:1], rtol=0, atol=1e-5)
     assert det.predict(net, x).dtype == torch.bool
     assert det.score(net, x[:0]).shape == (0,)
 
@@ -397,11 +397,11 @@ def test_detector_cache_is_weak_and_follows_the_model():
     with torch.no_grad():
         net.block2.bn2.weight.mul_(0.5)
     ref = reference_psc(net, x, [1, 2], 1.5, TinyResNet.FORWARD_ORDER).float()
-    torch.testing.assert_close(det.score(net, x), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(det.score(net, x).float(), ref, rtol=0, atol=1e-5)
     # structural change: a new BN module replaces the old one -> cache rebuilt
     net.block2.bn2 = randomize(nn.BatchNorm2d(8).double(), seed=3).eval()
     ref = reference_psc(net, x, [1, 2], 1.5, TinyResNet.FORWARD_ORDER).float()
-    torch.testing.assert_close(det.score(net, x), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(det.score(net, x).float(), ref, rtol=0, atol=1e-5)
     pickle.loads(pickle.dumps(det))  # the cache does not travel
     copy.deepcopy(det)
     ref_net = weakref.ref(net)

@@ -497,7 +497,7 @@ def ibd_psc_score(
         runner: a prebuilt :class:`SharedPrefixRunner` for this model (implies ``shared_prefix``).
 
     Returns:
-        float32 Tensor ``[N]`` on the model's device.
+        float64 Tensor ``[N]`` on the model's device (float32 would tie values near 1).
     """
     omega = check_positive_float(omega, "omega")
     device = model_device(model)
@@ -515,5 +515,6 @@ def ibd_psc_score(
         else:
             outs = [amplified_forward(model, x, s, omega) for s in sets]
         pred = outs[0].argmax(-1, keepdim=True)
-        probs = torch.stack([o.float().softmax(-1).gather(-1, pred).squeeze(-1) for o in outs[1:]])
+        # float64 softmax: poisoned PSC values sit within 1e-8 of 1, where float32 would tie them
+        probs = torch.stack([o.double().softmax(-1).gather(-1, pred).squeeze(-1) for o in outs[1:]])
     return probs.mean(0)

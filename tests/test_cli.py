@@ -1,0 +1,67 @@
+"""The lightning-backdoor console script (LightningCLI) on the quickstart config, kept to seconds."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_backdoor.cli import main
+from lightning_backdoor.wandb_utils import read_offline_run
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false"]
+
+
+def test_quickstart_fast_dev_run_from_another_directory(tmp_path):
+    """The installed console script works from any cwd: data from the package, outputs under the cwd."""
+    exe = Path(sys.executable).parent / "lightning-backdoor"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_backdoor.cli"]
+    proc = subprocess.run(cmd + ["fit", "--config", str(QUICKSTART), "--trainer.fast_dev_run", "true",
+                                 "--trainer.enable_progress_bar", "false"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wandb sync" in proc.stdout
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B run folder should be under the cwd"
+
+
+def test_quickstart_logs_ba_asr_and_backdoor_config_to_wandb(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(QUICKSTART), *FAST,
+          "--trainer.callbacks.init_args.max_samples", "40"])
+    out = capsys.readouterr().out
+    assert "W&B run folder:" in out and "wandb sync" in out
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.finish()
+    run = read_offline_run(run_dir)
+    summary, config = run["summary"], run["config"]
+    for key in ("test/ba", "test/asr", "val/ba", "val/asr", "test/asr@noise0.1", "test/scale_up/auroc",
+                "test/ibd_psc/relative_cost", "test/strip/f1"):
+        assert key in summary or key.startswith("test/ibd_psc"), (key, sorted(summary))
+    backdoor = config["backdoor"]
+    assert backdoor["attack"] == "badnets" and backdoor["target"] == 0 and backdoor["poison_rate"] == 0.1
+    assert backdoor["attack_params"]["patch_size"] == 3
+    assert len(backdoor["poison_fingerprint"]) == 16
+
+
+def test_unknown_config_key_is_rejected(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(QUICKSTART), "--data.init_args.poison_rat", "0.1"])
+    assert "poison_rat" in capsys.readouterr().err
+
+
+def test_unknown_attack_name_lists_known(tmp_path):
+    from lightning_backdoor.attacks import create_attack
+    from lightning_backdoor.models import create_model
+
+    with pytest.raises(ValueError, match="badnets"):
+        create_attack("badnet")
+    with pytest.raises(ValueError, match="resnet18"):
+        create_model("resnet-18")
