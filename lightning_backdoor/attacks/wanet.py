@@ -81,8 +81,16 @@ class WaNet(Attack):
 
     def grid(self, height: int, width: int, device: torch.device | None = None) -> Tensor:
         """The ``[1, height, width, 2]`` trigger sampling grid on ``device`` (default: the buffer's)."""
-        noise = self.noise if device is None else self.noise.to(device)
-        return AF.wanet_grid(noise, height, width, self.s, self.grid_rescale)
+        device = self.noise.device if device is None else torch.device(device)
+        # The grid depends only on the noise field, s, the size and the device: cache it, keyed so that a
+        # load_state_dict (new tensor or in-place change bumps _version) or a new s invalidates it.
+        key = (height, width, str(device), self.noise.data_ptr(), self.noise._version, self.s, self.grid_rescale)
+        cache = self.__dict__.setdefault("_grid_cache", {})
+        if key not in cache:
+            cache.clear()
+            with torch.inference_mode(False):  # a normal tensor, usable later under autograd
+                cache[key] = AF.wanet_grid(self.noise.to(device), height, width, self.s, self.grid_rescale)
+        return cache[key]
 
     def apply(self, x: Tensor) -> Tensor:
         _, c, h, w = x.shape
