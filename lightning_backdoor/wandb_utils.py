@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
@@ -57,21 +58,32 @@ def _items(items) -> Dict[str, Any]:
     return out
 
 
-def read_offline_run(run_dir: str | Path) -> Dict[str, Any]:
-    """``{"history": [row, ...], "summary": {...}, "config": {...}}`` of an offline run folder.
+def read_offline_run(run_dir: str | Path, wait: float = 0.0) -> Dict[str, Any]:
+    """``{"history": [row, ...], "summary": {...}, "config": {...}, "finished": bool}`` of an offline run.
 
     ``run_dir`` is the ``wandb/offline-run-<date>-<id>`` folder (the one ``wandb sync`` takes).
+    W&B's writer process flushes the log asynchronously, even after ``run.finish()`` returns:
+    ``wait`` seconds are spent polling until the run's exit record is on disk.
     """
-    from wandb.proto import wandb_internal_pb2 as pb
-
     run_dir = Path(run_dir)
     logs = sorted(run_dir.glob("run-*.wandb"))
     if not logs:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir}; is this a W&B run folder?")
+    deadline = time.monotonic() + wait
+    while True:
+        out = _read_log(logs[0])
+        if out["finished"] or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read_log(path: Path) -> Dict[str, Any]:
+    from wandb.proto import wandb_internal_pb2 as pb
     history: List[Dict[str, Any]] = []
     summary: Dict[str, Any] = {}
     config: Dict[str, Any] = {}
-    for raw in _records(logs[0]):
+    finished = False
+    for raw in _records(path):
         rec = pb.Record()
         try:
             rec.ParseFromString(raw)
@@ -91,8 +103,10 @@ def read_offline_run(run_dir: str | Path) -> Dict[str, Any]:
                     config[key] = json.loads(item.value_json)
                 except (ValueError, TypeError):
                     config[key] = item.value_json
+        elif kind == "exit":
+            finished = True
         elif kind == "run":
             for item in rec.run.config.update:
                 key = item.key or "/".join(item.nested_key)
                 config[key] = json.loads(item.value_json)
-    return {"history": history, "summary": summary, "config": config}
+    return {"history": history, "summary": summary, "config": config, "finished": finished}

@@ -19,8 +19,9 @@ def test_quickstart_fast_dev_run_from_another_directory(tmp_path):
     """The installed console script works from any cwd: data from the package, outputs under the cwd."""
     exe = Path(sys.executable).parent / "lightning-backdoor"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_backdoor.cli"]
-    proc = subprocess.run(cmd + ["fit", "--config", str(QUICKSTART), "--trainer.fast_dev_run", "true",
-                                 "--trainer.enable_progress_bar", "false"],
+    proc = subprocess.run(cmd + ["fit", "--config", str(QUICKSTART), *FAST, "--trainer.max_steps", "1",
+                                 "--trainer.callbacks.init_args.max_samples", "20",
+                                 "--trainer.callbacks.init_args.fit_samples", "50"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,7 +32,7 @@ def test_quickstart_fast_dev_run_from_another_directory(tmp_path):
 def test_quickstart_logs_ba_asr_and_backdoor_config_to_wandb(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(QUICKSTART), *FAST,
-          "--trainer.callbacks.init_args.max_samples", "40"])
+          "--trainer.callbacks.init_args.max_samples", "40", "--trainer.callbacks.init_args.fit_samples", "50"])
     out = capsys.readouterr().out
     assert "W&B run folder:" in out and "wandb sync" in out
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
@@ -39,7 +40,7 @@ def test_quickstart_logs_ba_asr_and_backdoor_config_to_wandb(tmp_path, monkeypat
 
     if wandb.run is not None:
         wandb.run.finish()
-    run = read_offline_run(run_dir)
+    run = read_offline_run(run_dir, wait=30)
     summary, config = run["summary"], run["config"]
     for key in ("test/ba", "test/asr", "val/ba", "val/asr", "test/asr@noise0.1", "test/scale_up/auroc",
                 "test/ibd_psc/relative_cost", "test/strip/f1"):
@@ -65,3 +66,25 @@ def test_unknown_attack_name_lists_known(tmp_path):
         create_attack("badnet")
     with pytest.raises(ValueError, match="resnet18"):
         create_model("resnet-18")
+
+
+def test_detect_config_runs_on_a_checkpoint(tmp_path, monkeypatch):
+    """configs/detect.yaml: `test --ckpt_path` on a checkpoint made by a short quickstart fit."""
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(QUICKSTART), *FAST, "--trainer.max_steps", "1", "--trainer.logger", "false",
+          "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "true",
+          "--trainer.default_root_dir", str(tmp_path), "--test_after_fit", "false"])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    main(["test", "--config", str(ROOT / "configs" / "detect.yaml"), "--ckpt_path", str(ckpt),
+          "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+          "--trainer.callbacks.init_args.max_samples", "20", "--trainer.callbacks.init_args.fit_samples", "30",
+          "--trainer.callbacks.init_args.noise_copies", "false"])
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.finish()
+    summary = read_offline_run(run_dir, wait=30)["summary"]
+    for det in ("scale_up", "strip"):
+        for metric in ("auroc", "f1", "tpr@fpr1", "tpr@fpr5", "relative_cost"):
+            assert f"test/{det}/{metric}" in summary, (det, metric, sorted(summary))

@@ -181,7 +181,7 @@ def test_wandb_offline_run_records_detector_metrics(tiny_net, tmp_path, monkeypa
     expected = {k: float(v) for k, v in trainer.callback_metrics.items()}
     run_dir = Path(logger.experiment.dir).parent
     logger.experiment.finish()
-    summary = read_offline_run(run_dir)["summary"]
+    summary = read_offline_run(run_dir, wait=30)["summary"]
     for key in ("test/scale_up/auroc", "test/strip/f1", "test/ba", "test/asr"):
         assert summary[key] == pytest.approx(expected[key], abs=1e-6)
     for key in ("test/scale_up/roc", "test/strip/scores"):  # plots logged as images
