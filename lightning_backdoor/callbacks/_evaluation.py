@@ -51,5 +51,11 @@ def per_sample_noise(x: Tensor, positions: Tensor, magnitude: float, seed: int) 
     return (x + magnitude * noise.to(x.device)).clamp_(0.0, 1.0)
 
 
+def sample_ids(set_id: int, positions: Tensor) -> Tensor:
+    """Ids of samples for detectors with per-sample randomness: distinct across the benign (0) and
+    poisoned (1) sets, and the same whichever rank or batch a sample lands in."""
+    return positions.long() + int(set_id) * (1 << 40)
+
+
 def rank_and_world(trainer: Any) -> Tuple[int, int]:
     return int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))

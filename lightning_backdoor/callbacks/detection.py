@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ..detectors.base import Detector, collect_benign
 from ..metrics.detection import DetectionMetrics
 from ..utils import evaluating, model_device
-from ._evaluation import iter_batches, per_sample_noise, rank_and_world, shard
+from ._evaluation import iter_batches, per_sample_noise, rank_and_world, sample_ids, shard
 
 _STAGES = ("validate", "test")
 _PREFIX = {"validate": "val", "test": "test"}
@@ -59,7 +59,10 @@ class DetectionCallback(Callback):
       images (ROC curve; benign vs poisoned score histograms).
 
     Metrics are torchmetrics with ``"cat"`` states: under DDP each rank scores its own share of the
-    samples (no padding, no repeats) and the metrics equal the single-process ones.
+    samples (no padding, no repeats) and the metrics equal the single-process ones; detectors are
+    fitted on the same held-apart samples on every rank, so their fitted state is identical.
+    After a run, ``last_results`` holds the logged values and ``last_num_scored`` the number of
+    benign / poisoned samples *this rank* scored (noise copies not counted).
 
     Args:
         detectors: the detectors to run (e.g. ``[ScaleUp(), IBDPSC(), Strip()]``).
@@ -127,6 +130,7 @@ class DetectionCallback(Callback):
         self.target, self.model_attr = target, model_attr
         self.plots, self.progress, self.seed = plots, progress, int(seed)
         self.last_results: Dict[str, float] = {}
+        self.last_num_scored: Dict[str, int] = {}
 
     @property
     def state_key(self) -> str:
@@ -238,6 +242,7 @@ class DetectionCallback(Callback):
         det_time = {d.name: 0.0 for d in active}
         fwd_time, fwd_images = 0.0, 0
         sets = [(benign, False, 0), (poisoned, True, 1)]
+        self.last_num_scored = {}
         copies = [False, True] if self.noise_copies else [False]
         try:
             from tqdm.auto import tqdm
@@ -245,6 +250,7 @@ class DetectionCallback(Callback):
             tqdm = None
         for loader, is_poisoned, set_id in sets:
             sub, positions = shard(loader, rank, world, self.max_samples)
+            self.last_num_scored["poisoned" if is_poisoned else "benign"] = int(len(positions))
             it = iter_batches(sub, positions, device)
             if tqdm is not None and self.progress and rank == 0:
                 it = tqdm(it, total=len(sub), desc=f"{prefix} detection ({'poisoned' if is_poisoned else 'benign'})",
@@ -266,7 +272,10 @@ class DetectionCallback(Callback):
                         ok = preds == y if y is not None else torch.ones_like(preds, dtype=torch.bool)
                     for det in active:
                         t0 = time.perf_counter()
-                        scores = det.score(net, xb).to(device)
+                        if det.accepts_sample_ids:
+                            scores = det.score(net, xb, sample_ids=sample_ids(set_id, pos)).to(device)
+                        else:
+                            scores = det.score(net, xb).to(device)
                         _sync(device)
                         det_time[det.name] += time.perf_counter() - t0
                         metrics[det.name][""].update(scores, label)

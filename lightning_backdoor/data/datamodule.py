@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
 from .._validation import check_label, check_positive_int, check_probability
 from ..attacks.base import Attack
 from .datasets import DatasetSpec, get_spec
-from .poisoned import CleanDataset, PoisonedDataset, dataset_labels
+from .loaders import ResumableDataLoader, capture_rng, eval_sampler, restore_rng
+from .poisoned import CleanDataset, PoisonedDataset, dataset_labels, fingerprint
+
+#: Bumped when the meaning of :meth:`BackdoorDataModule.state_dict` changes.
+STATE_VERSION = 2
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's recorded poisoned set or settings do not match the data rebuilt from it."""
 
 
 def _split_count(value: int | float, n: int, name: str) -> int:
@@ -40,6 +50,18 @@ class BackdoorDataModule(LightningDataModule):
 
     Where the trigger sits: base image in ``[0, 1]`` -> trigger -> augmentation -> model (whose
     first layer is ``Normalize``). Evaluation sets are not augmented.
+
+    Distributed: the training loader is a :class:`~lightning_backdoor.data.loaders.ResumableDataLoader`
+    (seeded per-epoch order, sharded by rank); under DDP the validation/test loaders give each rank
+    an interleaved share with **no padding**, so BA/ASR count every sample exactly once.
+
+    Checkpoints: ``state_dict()`` (saved by Lightning in every checkpoint) records the dataset,
+    seed, target, rate, the poisoned and cover index sets, a fingerprint of the poisoned test set,
+    the attack's name, parameters and buffers (patch, warping field) and the global RNG states.
+    ``load_state_dict`` restores the attack buffers and (when fitting) the RNG states, and checks
+    that the poisoned sets rebuilt from the current data equal the recorded ones, raising
+    :class:`CheckpointMismatchError` otherwise. :meth:`from_checkpoint` rebuilds the data module,
+    and so the poisoned test set, from a checkpoint file alone.
 
     Args:
         dataset: ``"mnist5k"`` (embedded, no download: the default), ``"mnist"``, ``"cifar10"``,
@@ -159,6 +181,9 @@ class BackdoorDataModule(LightningDataModule):
                                                     1.0, self.seed, "test")
             self.test_poisoned = PoisonedDataset(test, self.attack, self.target, self.num_classes, 1.0, self.seed, "test")
         self._built = True
+        pending = self.__dict__.pop("_pending_state", None)
+        if pending is not None:
+            self._verify(pending)
 
     def _augmentation(self, size: Tuple[int, int]):
         from torchvision.transforms import v2
@@ -171,13 +196,16 @@ class BackdoorDataModule(LightningDataModule):
         return v2.Compose(tfs) if tfs else None
 
     # -- loaders ---------------------------------------------------------------------------------
-    def _loader(self, ds: Optional[Dataset], train: bool = False) -> DataLoader:
+    def _loader(self, ds: Optional[Dataset], train: bool = False, shard: bool = True) -> DataLoader:
         if ds is None:
             raise RuntimeError("this loader is not available: no attack was given (clean training) or val_size=0")
-        return DataLoader(
-            ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=False,
-        )
+        if len(ds) == 0:
+            raise ValueError(f"cannot build a loader over an empty dataset ({type(ds).__name__} with 0 samples)")
+        common = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if train:
+            return ResumableDataLoader(ds, seed=self.seed, batch_size=self.batch_size, drop_last=False, **common)
+        sampler = eval_sampler(ds) if shard else SequentialSampler(ds)
+        return DataLoader(ds, batch_size=self.eval_batch_size, sampler=sampler, drop_last=False, **common)
 
     def _ensure(self) -> None:
         if not self._built:
@@ -198,18 +226,24 @@ class BackdoorDataModule(LightningDataModule):
         return [self._loader(s) for s in sets]
 
     def eval_dataloaders(self, stage: str) -> Tuple[DataLoader, Optional[DataLoader]]:
-        """``(clean, poisoned)`` loaders of ``stage`` (``"validate"``/``"val"`` or ``"test"``)."""
+        """``(clean, poisoned)`` loaders of ``stage`` (``"validate"``/``"val"`` or ``"test"``).
+
+        The full sets in order on every rank (callbacks shard them themselves, without padding).
+        """
         self._ensure()
         clean, poisoned = (self.val_clean, self.val_poisoned) if stage in ("validate", "val") else (
             self.test_clean, self.test_poisoned)
-        return self._loader(clean), (self._loader(poisoned) if poisoned is not None else None)
+        return self._loader(clean, shard=False), (self._loader(poisoned, shard=False) if poisoned is not None else None)
 
     def defense_dataloader(self) -> DataLoader:
-        """Clean samples held apart from training and evaluation, for fitting detectors."""
+        """Clean samples held apart from training and evaluation, for fitting detectors.
+
+        Never sharded: under DDP every rank reads all of them, so fitted detector state is identical.
+        """
         self._ensure()
         if len(self.defense_set) == 0:
             raise RuntimeError("defense_size=0: no held-apart clean samples to fit detectors on")
-        return self._loader(self.defense_set)
+        return self._loader(self.defense_set, shard=False)  # the same samples on every rank
 
     # -- metadata --------------------------------------------------------------------------------
     def backdoor_info(self) -> Dict[str, Any]:
@@ -223,17 +257,149 @@ class BackdoorDataModule(LightningDataModule):
             info.update({"attack": None, "poison_rate": 0.0})
         return info
 
+    def _attack_record(self) -> Dict[str, Any]:
+        """What rebuilds the attack: registry name, constructor arguments, buffers."""
+        assert self.attack is not None
+        params = inspect.signature(type(self.attack).__init__).parameters
+        hp = self.attack.hparams() if hasattr(self.attack, "hparams") else {}
+        kwargs = {k: v for k, v in hp.items() if k in params and not isinstance(v, dict)}
+        return {"attack_name": getattr(self.attack, "name", type(self.attack).__name__),
+                "attack_class": f"{type(self.attack).__module__}.{type(self.attack).__qualname__}",
+                "attack_kwargs": kwargs,
+                "attack_state": {k: v.detach().cpu() for k, v in self.attack.state_dict().items()}}
+
     def state_dict(self) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"seed": self.seed, "target": self.target, "rate": self.rate,
-                                 "dataset": self.spec.name}
+        """Everything needed to rebuild and verify the poisoned sets (tensors and plain values only)."""
+        state: Dict[str, Any] = {"version": STATE_VERSION, "seed": self.seed, "target": self.target, "rate": self.rate,
+                                 "dataset": self.spec.name, "num_classes": self.num_classes,
+                                 "test_size": self.test_size, "val_size": self.val_size,
+                                 "defense_size": self.defense_size}
         if self._built and isinstance(self.train_set, PoisonedDataset):
             state["poison_indices"] = self.train_set.poison_indices.clone()
             state["cover_indices"] = self.train_set.cover_indices.clone()
+        if self._built and isinstance(self.test_poisoned, PoisonedDataset):
+            state["test_poison_fingerprint"] = fingerprint(self.test_poisoned.indices)
+            state["test_poison_count"] = int(len(self.test_poisoned))
         if self.attack is not None:
-            state["attack_state"] = {k: v.detach().cpu() for k, v in self.attack.state_dict().items()}
+            state.update(self._attack_record())
+        state["rng"] = capture_rng()
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore the attack buffers (and, when fitting, the global RNG states); verify the poisoned sets.
+
+        Raises:
+            CheckpointMismatchError: the checkpoint was written with another dataset, seed, target or
+                rate, or the poisoned index sets rebuilt from the current data differ from the recorded
+                ones (the data changed). Checked now if the data is built, else at the end of ``setup``.
+        """
+        self._check_settings(state)
         if self.attack is not None and "attack_state" in state:
             self.attack.load_state_dict(state["attack_state"])
+        trainer = self._trainer_or_none()
+        if "rng" in state and trainer is not None and getattr(trainer.state, "fn", None) == "fit":
+            restore_rng(state["rng"])  # data order, augmentation and cover noise continue as uninterrupted
         self._restored = state
+        if self._built:
+            self._verify(state)
+        else:
+            self._pending_state = state
+
+    def _trainer_or_none(self) -> Any:
+        return getattr(self, "trainer", None)
+
+    def _check_settings(self, state: Dict[str, Any]) -> None:
+        mine = {"dataset": self.spec.name, "seed": self.seed, "target": self.target, "rate": self.rate}
+        for key in ("test_size", "val_size", "defense_size"):
+            if key in state:
+                mine[key] = getattr(self, key)
+        diff = [f"{k}: checkpoint {state[k]!r} vs this data module {v!r}" for k, v in mine.items()
+                if k in state and state[k] != v]
+        if diff:
+            raise CheckpointMismatchError(
+                "the checkpoint was written by a BackdoorDataModule with other settings, so its poisoned set "
+                "cannot be rebuilt here: " + "; ".join(diff) + ". Use the checkpoint's settings "
+                "(BackdoorDataModule.from_checkpoint(path) reads them from the file)")
+        if self.attack is not None and "attack_name" in state:
+            name = getattr(self.attack, "name", type(self.attack).__name__)
+            if state["attack_name"] != name:
+                raise CheckpointMismatchError(f"the checkpoint was written with attack {state['attack_name']!r} "
+                                              f"but this data module has attack {name!r}")
+
+    def _verify(self, state: Dict[str, Any]) -> None:
+        if "poison_indices" in state:
+            if not isinstance(self.train_set, PoisonedDataset):
+                raise CheckpointMismatchError("the checkpoint records poisoned training indices but this data module "
+                                              "has no attack (clean training); pass the attack it was trained with")
+            for key in ("poison_indices", "cover_indices"):
+                saved, now = state.get(key), getattr(self.train_set, key)
+                if saved is not None and not torch.equal(torch.as_tensor(saved).long().cpu(), now.cpu()):
+                    raise CheckpointMismatchError(
+                        f"the {key.replace('_', ' ')} rebuilt from the data ({len(now)} samples, fingerprint "
+                        f"{fingerprint(now)}) differ from the checkpoint's ({len(saved)} samples, fingerprint "
+                        f"{fingerprint(torch.as_tensor(saved))}): the training data changed since the checkpoint "
+                        f"(other files under root={self.root!r}, another dataset version or order)")
+        if "test_poison_fingerprint" in state and isinstance(self.test_poisoned, PoisonedDataset):
+            now = fingerprint(self.test_poisoned.indices)
+            if now != state["test_poison_fingerprint"]:
+                raise CheckpointMismatchError(
+                    f"the poisoned test set rebuilt from the data ({len(self.test_poisoned)} samples, fingerprint "
+                    f"{now}) differs from the checkpoint's ({state.get('test_poison_count')} samples, fingerprint "
+                    f"{state['test_poison_fingerprint']}): the test data changed since the checkpoint")
+
+    # -- rebuilding from a checkpoint ------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, root: Optional[str] = None, **overrides: Any) -> "BackdoorDataModule":
+        """Rebuild a run's data module (and so its poisoned test set) from a Lightning checkpoint alone.
+
+        The file is read with ``torch.load(..., weights_only=True)`` (an unsafe file is refused). The
+        data settings come from the checkpoint's ``datamodule_hyper_parameters``, the attack from
+        the recorded attack name, arguments and buffers; the returned module is set up and its
+        poisoned sets verified against the recorded indices and fingerprint.
+
+        Args:
+            path: a checkpoint written while fitting with a ``BackdoorDataModule``.
+            root: where the dataset files are on this machine (default: the recorded ``root``).
+            **overrides: other constructor arguments to change, e.g. ``eval_batch_size=1000``;
+                settings that decide the poisoned sets (dataset, seed, target, rate, split sizes)
+                are still checked against the checkpoint.
+
+        Example:
+            >>> dm = BackdoorDataModule.from_checkpoint("checkpoints/last.ckpt")  # doctest: +SKIP
+            >>> x, y, poisoned, original_y, index = dm.test_poisoned[0]  # doctest: +SKIP
+        """
+        from ..checkpoints import safe_load
+
+        ckpt = safe_load(path)
+        state = ckpt.get(cls.__qualname__) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            found = sorted(k for k in ckpt if isinstance(k, str)) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"checkpoint '{os.fspath(path)}' holds no {cls.__qualname__} state (was it written by "
+                             f"trainer.fit with a {cls.__qualname__}?); found {found}")
+        kwargs = dict(ckpt.get("datamodule_hyper_parameters") or {})
+        kwargs.pop("_class_path", None)
+        kwargs.pop("_instantiator", None)
+        for key in ("dataset", "seed", "target", "rate"):
+            kwargs.setdefault(key, state[key])
+        if root is not None:
+            kwargs["root"] = root
+        if "attack_name" in state:
+            from ..attacks import create_attack
+
+            attack = create_attack(state["attack_name"], **state.get("attack_kwargs", {}))
+            attack.load_state_dict(state["attack_state"])
+            kwargs["attack"] = attack
+        kwargs.update(overrides)
+        allowed = inspect.signature(cls.__init__).parameters
+        dm = cls(**{k: v for k, v in kwargs.items() if k in allowed})
+        dm.load_state_dict(state)
+        dm.setup()
+        return dm
+
+
+def poisoned_test_set_from_checkpoint(path: str | os.PathLike, root: Optional[str] = None) -> Dataset:
+    """The poisoned test set (ASR set) of the run that wrote ``path``; see :meth:`BackdoorDataModule.from_checkpoint`."""
+    dm = BackdoorDataModule.from_checkpoint(path, root=root)
+    if dm.test_poisoned is None:
+        raise ValueError(f"checkpoint '{os.fspath(path)}' is from a clean run (no attack): it has no poisoned test set")
+    return dm.test_poisoned

@@ -41,12 +41,17 @@ class Detector:
         name: registry key and metric-name component (``test/{name}/auroc``).
         threshold: scores strictly above it are flagged poisoned by ``predict``.
         requires_fit: whether ``score`` needs ``fit`` first (data-limited detectors).
+        accepts_sample_ids: whether ``score`` takes per-input ``sample_ids`` seeding its randomness.
         threat_model: short description for docs and run metadata.
     """
 
     name: str = "detector"
     requires_fit: bool = False
     threat_model: str = ""
+    #: Randomised detectors set this and accept ``score(model, x, sample_ids=...)``: each input's
+    #: randomness then depends only on its id, so scores do not depend on batching or on which DDP
+    #: rank scores the input (the detection callback passes ids derived from sample positions).
+    accepts_sample_ids: bool = False
 
     def __init__(self, threshold: float = 0.5) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
@@ -95,6 +100,10 @@ class Detector:
         x = check_images(x, name, allow_single=True)
         if x.dim() == 3:
             x = x.unsqueeze(0)
+        in_ch = getattr(model, "in_channels", None)
+        if isinstance(in_ch, int) and not isinstance(in_ch, bool) and x.shape[1] != in_ch:
+            raise ValueError(f"{name} has {x.shape[1]} channels but the model expects in_channels={in_ch}; "
+                             f"got images of shape {tuple(x.shape)}")
         return x.to(model_device(model))
 
 

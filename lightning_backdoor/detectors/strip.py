@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_positive_int, check_probability
 from ..utils import evaluating, model_device
 from .base import DETECTORS, Detector, collect_benign, iter_benign, threshold_at_fpr
-from .functional.strip import STRIP_MODES, strip_entropy
+from .functional.strip import STRIP_MODES, strip_entropy, strip_overlay_indices
 
 
 @DETECTORS.register("strip")
@@ -37,7 +37,9 @@ class Strip(Detector):
     pair, not a one-shot iterator.
 
     Randomness comes from a detector-owned ``torch.Generator`` seeded with ``seed`` (the global
-    RNG is never used); its state is part of ``state_dict``.
+    RNG is never used); its state is part of ``state_dict``. With ``score(..., sample_ids=ids)``
+    each input's overlays come from ``(seed, id)`` instead, as the detection callback does so that
+    scores are the same whatever the batching or the DDP rank.
 
     Args:
         n: overlays per input (original: 100).
@@ -58,6 +60,7 @@ class Strip(Detector):
     name = "strip"
     threat_model = "black-box, probabilities"
     requires_fit = True
+    accepts_sample_ids = True
 
     def __init__(
         self,
@@ -104,12 +107,23 @@ class Strip(Detector):
             self.threshold = threshold_at_fpr(torch.cat(scores), self.target_fpr)
         return self
 
-    def score(self, model: nn.Module, x: Tensor) -> Tensor:
-        """Minus the mean class-entropy of ``n`` superimposed copies of each input (higher = poisoned)."""
+    def score(self, model: nn.Module, x: Tensor, sample_ids: Optional[Tensor] = None) -> Tensor:
+        """Minus the mean class-entropy of ``n`` superimposed copies of each input (higher = poisoned).
+
+        Args:
+            model: the classifier.
+            x: images ``[N, C, H, W]`` in ``[0, 1]``.
+            sample_ids: optional ``[N]`` integer ids; input ``i``'s overlays are then drawn from a
+                generator seeded with ``(seed, sample_ids[i])`` instead of the detector's running
+                generator, so its score does not depend on batching or on the DDP rank scoring it.
+        """
         self._check_fitted()
         x = self._check_input(model, x)
+        indices = None
+        if sample_ids is not None:
+            indices = self._indices_for(sample_ids, len(x)).to(x.device)
         with evaluating(model):
-            return self._score(model, x)
+            return self._score(model, x, indices)
 
     def hparams(self) -> Dict[str, Any]:
         return {
@@ -140,8 +154,19 @@ class Strip(Detector):
             raise ValueError("a fitted Strip state must contain its clean 'pool' tensor")
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _score(self, model: nn.Module, x: Tensor) -> Tensor:
+    def _indices_for(self, sample_ids: Any, num: int) -> Tensor:
+        ids = torch.as_tensor(sample_ids)
+        if ids.dim() != 1 or len(ids) != num or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"sample_ids must be an integer Tensor[{num}] (one id per input), got "
+                             f"{ids.dtype} of shape {tuple(ids.shape)}")
+        assert self.pool is not None
+        rows = [strip_overlay_indices(1, len(self.pool), self.n,
+                                      torch.Generator().manual_seed((self.seed * 1_000_003 + int(i)) % 2**63))[0]
+                for i in ids.tolist()]
+        return torch.stack(rows) if rows else torch.zeros(0, self.n, dtype=torch.long)
+
+    def _score(self, model: nn.Module, x: Tensor, indices: Optional[Tensor] = None) -> Tensor:
         assert self.pool is not None
         return strip_entropy(
-            model, x, self.pool, self.n, self.generator, self.mode, batch_size=self.batch_size
+            model, x, self.pool, self.n, self.generator, self.mode, batch_size=self.batch_size, indices=indices
         )

@@ -158,6 +158,8 @@ class DetectionMetrics(Metric):
         self.target.append(target)
 
     def compute(self) -> Dict[str, Tensor]:
-        if not self.scores:
+        # after a DDP sync the "cat" states are already concatenated tensors, not lists
+        if (isinstance(self.scores, Tensor) and self.scores.numel() == 0) or (
+                isinstance(self.scores, list) and not self.scores):
             raise ValueError("DetectionMetrics.compute() called before any update(scores, is_poisoned)")
         return detection_metrics(dim_zero_cat(self.scores), dim_zero_cat(self.target), self.threshold)

@@ -66,8 +66,14 @@ def test_metrics_equal_sklearn_on_the_detectors_scores(tiny_net):
     det_ref.fit(tiny_net, (fit_x, fit_y))
     xb = torch.stack([dm.test_clean[i].x for i in range(80)])
     xp = torch.stack([dm.test_poisoned[i].x for i in range(80)])
-    scores = torch.cat([det_ref.score(tiny_net, xb[i:i + 50]) for i in range(0, 80, 50)]
-                       + [det_ref.score(tiny_net, xp[i:i + 50]) for i in range(0, 80, 50)]).numpy()
+    # the callback seeds each sample's overlays by its set and position (rank/batch independent)
+    from lightning_backdoor.callbacks._evaluation import sample_ids
+
+    pos = torch.arange(80)
+    scores = torch.cat([det_ref.score(tiny_net, xb[i:i + 50], sample_ids=sample_ids(0, pos[i:i + 50]))
+                        for i in range(0, 80, 50)]
+                       + [det_ref.score(tiny_net, xp[i:i + 50], sample_ids=sample_ids(1, pos[i:i + 50]))
+                          for i in range(0, 80, 50)]).numpy()
     labels = [0] * 80 + [1] * 80
     assert got["test/strip/auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-5)
     assert got["test/strip/f1"] == pytest.approx(f1_score(labels, scores > -0.5), abs=1e-5)

@@ -1,0 +1,209 @@
+"""Every row of docs/bad_inputs.md: the bad input is rejected with the documented error, not a crash inside torch.
+
+Each case is ``(row id, callable, exception type, message pattern)``; the ids are the first column of
+the table, and a test checks that the table and this list name the same rows.
+"""
+
+import re
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from tiny_net import TinyResNet
+from lightning_backdoor import BackdoorClassifier, BackdoorDataModule
+from lightning_backdoor.attacks import BadNets, WaNet, create_attack
+from lightning_backdoor.callbacks import DetectionCallback
+from lightning_backdoor.checkpoints import UnsafeCheckpointError, load_net_weights, safe_load
+from lightning_backdoor.data import CheckpointMismatchError, DatasetNotFoundError, PoisonedDataset
+from lightning_backdoor.data.datasets import TensorImageDataset
+from lightning_backdoor.data.loaders import ResumableDataLoader
+from lightning_backdoor.detectors import IBDPSC, ScaleUp, Strip, create_detector
+from lightning_backdoor.loggers import BackdoorWandbLogger
+from lightning_backdoor.losses import create_loss
+from lightning_backdoor.metrics import AttackSuccessRate
+from lightning_backdoor.metrics.detection import detection_metrics
+from lightning_backdoor.models import create_model
+from lightning_backdoor.modules.classifier import parse_batch
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+x = torch.rand(4, 1, 28, 28)
+
+
+def nan_images():
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    return bad
+
+
+def inf_images():
+    bad = x.clone()
+    bad[1, 0, 3, 3] = float("inf")
+    return bad
+
+
+def uint8_images():
+    return (x * 255).to(torch.uint8)
+
+
+def net():
+    torch.manual_seed(0)
+    return TinyResNet()
+
+
+def labelled_dataset(n, labels=None):
+    return TensorImageDataset(torch.rand(n, 1, 8, 8), torch.zeros(n, dtype=torch.long) if labels is None else labels)
+
+
+def fit_with(module, dm):
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, dm)
+
+
+def dm(**kw):
+    args = dict(dataset="mnist5k", attack=BadNets(), val_size=50, defense_size=50, test_size=50)
+    args.update(kw)
+    return BackdoorDataModule(**args)
+
+
+def _save(obj, path):
+    torch.save(obj, path)
+    return path
+
+
+class _Code:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('unpickling ran code')",))
+
+
+def evil_file(tmp):
+    return _save({"state_dict": {}, "x": _Code()}, tmp / "evil.ckpt")
+
+
+def ten_class_weights(tmp):
+    return _save(TinyResNet(num_classes=10).state_dict(), tmp / "w.pt")
+
+
+def other_seed_state():
+    d = dm()
+    d.setup()
+    state = d.state_dict()
+    return dm(seed=1).load_state_dict, state
+
+
+def cli_unknown_key():
+    from lightning_backdoor.cli import main
+
+    main(["fit", "--config", str(QUICKSTART), "--data.init_args.poison_rat", "0.1"])
+
+
+CASES = [
+    # attacks
+    ("attack-nan-images", lambda t: BadNets()(nan_images()), ValueError, "NaN or Inf"),
+    ("attack-inf-images", lambda t: WaNet()(inf_images()), ValueError, "NaN or Inf"),
+    ("attack-uint8-images", lambda t: BadNets()(uint8_images()), TypeError, "uint8 images in 0-255\\? divide by 255"),
+    ("attack-0-255-floats", lambda t: BadNets()(x * 255), ValueError, "pixel space \\[0, 1\\]"),
+    ("attack-not-images", lambda t: BadNets()(torch.rand(28, 28)), ValueError, "must have shape"),
+    ("attack-patch-channels", lambda t: BadNets(patch=torch.rand(3, 3, 3))(x), ValueError,
+     "patch has 3 channels but the images have 1"),
+    ("attack-wanet-grid-too-large", lambda t: WaNet(k=40)(x), ValueError, "k=40 is larger than the image size"),
+    ("attack-bad-location", lambda t: BadNets(location="middle"), ValueError, "location must be one of"),
+    ("attack-unknown-name", lambda t: create_attack("badnet"), ValueError, "unknown attack 'badnet'.*badnets"),
+    # poisoned data
+    ("data-zero-length-dataset", lambda t: PoisonedDataset(labelled_dataset(0), BadNets(), 0, 10), ValueError,
+     "dataset is empty"),
+    ("data-label-out-of-range", lambda t: PoisonedDataset(labelled_dataset(4, torch.tensor([0, 1, 2, 12])), BadNets(),
+                                                          0, 10), ValueError, "labels must be in \\[0, 9\\]"),
+    ("data-only-target-class", lambda t: PoisonedDataset(labelled_dataset(4), BadNets(), 0, 10, mode="test"),
+     ValueError, "no samples whose label is not the target"),
+    # data module
+    ("datamodule-rate-zero", lambda t: dm(rate=0), ValueError, "rate must be in \\(0, 1\\]"),
+    ("datamodule-target-out-of-range", lambda t: dm(target=10), ValueError, "target must be a class index in \\[0, 9\\]"),
+    ("datamodule-unknown-dataset", lambda t: dm(dataset="imagenet1k"), ValueError, "unknown dataset 'imagenet1k'"),
+    ("datamodule-zero-test-size", lambda t: dm(test_size=0), ValueError, "test_size must be >= 1"),
+    ("datamodule-val-size-too-large", lambda t: dm(val_size=5000).setup(), ValueError, "val_size must be in"),
+    ("datamodule-missing-files", lambda t: BackdoorDataModule("cifar10", root=str(t / "none"), attack=BadNets()).setup(),
+     DatasetNotFoundError, "CIFAR-10 files not found under"),
+    ("datamodule-empty-loader", lambda t: dm()._loader(labelled_dataset(0)), ValueError,
+     "cannot build a loader over an empty dataset"),
+    # models and the LightningModule
+    ("model-unknown-name", lambda t: create_model("resnet-18"), ValueError, "resnet18"),
+    ("model-wrong-channels", lambda t: create_model("resnet20", num_classes=10, in_channels=1)(torch.rand(2, 3, 28, 28)),
+     ValueError, "3 channels but the model was built with in_channels=1"),
+    ("classifier-net-not-module", lambda t: BackdoorClassifier("resnet20"), TypeError, "net must be a torch.nn.Module"),
+    ("classifier-mismatched-num-classes", lambda t: fit_with(BackdoorClassifier(TinyResNet(num_classes=5)), dm()),
+     ValueError, "mismatched num_classes: the net outputs 5 classes but the dataset 'mnist5k' has 10"),
+    ("classifier-mismatched-channels", lambda t: fit_with(BackdoorClassifier(TinyResNet(in_channels=3)), dm()),
+     ValueError, "mismatched channels: the net expects in_channels=3"),
+    ("classifier-bad-noise-sigma", lambda t: BackdoorClassifier(net(), noise_sigmas=[-0.1]), ValueError,
+     "noise_sigmas must be positive"),
+    ("classifier-bad-batch", lambda t: parse_batch("images"), TypeError, "expected a batch"),
+    # detectors
+    ("detector-nan-images", lambda t: ScaleUp().score(net(), nan_images()), ValueError, "NaN or Inf"),
+    ("detector-uint8-images", lambda t: IBDPSC(k=1).score(net(), uint8_images()), TypeError, "divide by 255"),
+    ("detector-wrong-channels", lambda t: ScaleUp().score(net(), torch.rand(2, 3, 28, 28)), ValueError,
+     "3 channels but the model expects in_channels=1"),
+    ("detector-not-fitted", lambda t: Strip().score(net(), x), RuntimeError, "must be fitted on benign data"),
+    ("detector-empty-fit-loader", lambda t: ScaleUp(mode="data_limited").fit(
+        net(), DataLoader(TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)))),
+     ValueError, "benign data is empty"),
+    ("detector-unlabelled-fit-data", lambda t: Strip().fit(net(), x), TypeError, "labels are needed"),
+    ("detector-unknown-name", lambda t: create_detector("scaleup"), ValueError, "unknown detector 'scaleup'"),
+    ("detector-bad-scales", lambda t: ScaleUp(scales=[0, 3]), ValueError, "scales"),
+    # callbacks
+    ("callback-no-detectors", lambda t: DetectionCallback([]), ValueError, "detectors must be a non-empty list"),
+    ("callback-detector-name-string", lambda t: DetectionCallback(["scale_up"]), TypeError, "Detector instances"),
+    ("callback-bad-stage", lambda t: DetectionCallback([ScaleUp()], stages=("train",)), ValueError,
+     "stages must be a subset"),
+    # losses
+    ("loss-unknown-name", lambda t: create_loss("nope"), ValueError, "unknown loss 'nope'"),
+    # metrics
+    ("metric-nan-scores", lambda t: detection_metrics(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1]), 0.5),
+     ValueError, "scores contain NaN or Inf"),
+    ("metric-float-labels", lambda t: detection_metrics(torch.rand(2), torch.tensor([0.0, 1.0]), 0.5), TypeError,
+     "is_poisoned must be a bool or 0/1 integer"),
+    ("metric-length-mismatch", lambda t: detection_metrics(torch.rand(3), torch.tensor([0, 1]), 0.5), ValueError,
+     "same number of elements"),
+    ("metric-asr-without-target", lambda t: AttackSuccessRate().update(torch.rand(2, 10)), ValueError,
+     "needs target"),
+    # CLI, loggers, loaders
+    ("cli-unknown-config-key", lambda t: cli_unknown_key(), SystemExit, ""),
+    ("logger-bad-on-unreachable", lambda t: BackdoorWandbLogger(on_unreachable="wait"), ValueError,
+     "on_unreachable must be one of"),
+    ("loader-bad-resume-state", lambda t: ResumableDataLoader(list(range(4)), batch_size=2).load_state_dict({}),
+     ValueError, "must hold 'epoch'"),
+    # checkpoints
+    ("checkpoint-missing-file", lambda t: safe_load(t / "nope.ckpt"), FileNotFoundError, "checkpoint file not found"),
+    ("checkpoint-pickled-code", lambda t: safe_load(evil_file(t)), UnsafeCheckpointError,
+     "refused by weights_only loading"),
+    ("checkpoint-other-class-count", lambda t: load_net_weights(TinyResNet(num_classes=5), ten_class_weights(t)),
+     ValueError, "shape mismatches.*fc.weight: checkpoint \\[10, 32\\] vs model \\[5, 32\\]"),
+    ("checkpoint-other-data-settings", lambda t: (lambda f, s: f(s))(*other_seed_state()), CheckpointMismatchError,
+     "seed: checkpoint 0 vs this data module 1"),
+]
+
+
+def doc_row_ids():
+    return re.findall(r"^\|\s*`([a-z0-9-]+)`\s*\|", DOC.read_text(), flags=re.M)
+
+
+def test_table_and_cases_name_the_same_rows():
+    ids = [c[0] for c in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 20
+    assert doc_row_ids() == ids
+
+
+@pytest.mark.parametrize("row, fn, error, match", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_rejected_clearly(row, fn, error, match, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-backdoor"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=match or None) as info:
+        fn(tmp_path)
+    if error is not SystemExit:
+        assert not isinstance(info.value, (IndexError, KeyError, AttributeError))
