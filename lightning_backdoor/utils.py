@@ -59,3 +59,16 @@ def split_batch(batch) -> Tuple[Tensor, Tensor | None]:
         f"cannot read a batch of type {type(batch).__name__}; expected a Tensor, a tuple (x, y, ...) "
         "or a dict with 'x' and 'y'"
     )
+
+
+def per_sample_normal(x: Tensor, ids: Tensor, seed: int) -> Tensor:
+    """Standard normal noise shaped like ``x``, each sample's drawn from a generator seeded by its id.
+
+    The noise of a sample does not depend on the batch or the DDP rank it lands in, and the global
+    RNG is untouched (used for the noise-augmented detection copies and ``asr@noise``).
+    """
+    noise = torch.empty(x.shape, dtype=x.dtype)
+    for i, p in enumerate(ids.tolist()):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(p) + 1)
+        noise[i] = torch.randn(x.shape[1:], generator=g, dtype=x.dtype)
+    return noise.to(x.device)

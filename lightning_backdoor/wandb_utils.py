@@ -66,10 +66,13 @@ def read_offline_run(run_dir: str | Path, wait: float = 0.0) -> Dict[str, Any]:
     ``wait`` seconds are spent polling until the run's exit record is on disk.
     """
     run_dir = Path(run_dir)
+    deadline = time.monotonic() + wait
     logs = sorted(run_dir.glob("run-*.wandb"))
+    while not logs and time.monotonic() < deadline:  # the writer may not have created it yet
+        time.sleep(0.2)
+        logs = sorted(run_dir.glob("run-*.wandb"))
     if not logs:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir}; is this a W&B run folder?")
-    deadline = time.monotonic() + wait
     while True:
         out = _read_log(logs[0])
         if out["finished"] or time.monotonic() >= deadline:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from ..utils import split_batch
+from ..utils import per_sample_normal, split_batch
 
 
 def shard(loader: DataLoader, rank: int, world_size: int, max_samples: Optional[int]) -> Tuple[DataLoader, Tensor]:
@@ -44,11 +44,7 @@ def iter_batches(loader: DataLoader, positions: Tensor, device: torch.device) ->
 def per_sample_noise(x: Tensor, positions: Tensor, magnitude: float, seed: int) -> Tensor:
     """``clip(x + magnitude * N(0, 1))`` with each sample's noise seeded by its position, so the noisy copy
     of a sample is the same whichever rank (or batch) it lands in; the global RNG is untouched."""
-    noise = torch.empty(x.shape, dtype=x.dtype)
-    for i, p in enumerate(positions.tolist()):
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(p) + 1)
-        noise[i] = torch.randn(x.shape[1:], generator=g, dtype=x.dtype)
-    return (x + magnitude * noise.to(x.device)).clamp_(0.0, 1.0)
+    return (x + magnitude * per_sample_normal(x, positions, seed)).clamp_(0.0, 1.0)
 
 
 def sample_ids(set_id: int, positions: Tensor) -> Tensor:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from ..checkpoints import load_net_weights
 from ..metrics.backdoor import AttackSuccessRate, BenignAccuracy
+from ..utils import per_sample_normal
 
 
 def parse_batch(batch: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -53,6 +57,16 @@ class BackdoorClassifier(LightningModule):
         target: the target label (default: the data module's ``target``).
         noise_sigmas: Gaussian input-noise levels for ``asr@noise{σ}`` (SCALE-UP's robustness check).
         noise_seed: seeds that noise (a local generator; the global RNG is untouched).
+        init_weights: path of a checkpoint whose network weights ``net`` starts from (fine-tuning,
+            e.g. an adaptive attack on a vanilla-trained backdoored model): a Lightning ``.ckpt``
+            (its ``net.*`` weights) or a file of ``net.state_dict()``. Loaded in ``setup`` with
+            ``torch.load(..., map_location="cpu", weights_only=True)`` by
+            :func:`~lightning_backdoor.checkpoints.load_net_weights`; a missing file, a file refused by
+            ``weights_only`` loading or a network mismatch (missing/unexpected keys, shape mismatches)
+            is an error. Only the weights are taken: the optimiser, scheduler, epoch and step counters
+            start fresh. This is fine-tuning, not resuming — to resume a run, pass the run's own
+            checkpoint to ``fit --ckpt_path`` (then ``init_weights`` is skipped). Loaded once per
+            module: ``test`` after ``fit`` and modules restored from a checkpoint keep their weights.
 
     Example:
         >>> from lightning_backdoor.models import create_model
@@ -68,6 +82,7 @@ class BackdoorClassifier(LightningModule):
         target: Optional[int] = None,
         noise_sigmas: Sequence[float] = (),
         noise_seed: int = 0,
+        init_weights: Optional[str] = None,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -84,6 +99,14 @@ class BackdoorClassifier(LightningModule):
         self.target = target
         self.noise_sigmas = tuple(float(s) for s in noise_sigmas)
         self.noise_seed = int(noise_seed)
+        if init_weights is not None:
+            if not isinstance(init_weights, (str, os.PathLike)):
+                raise TypeError(f"init_weights must be a checkpoint path (str) or None, got {init_weights!r}")
+            init_weights = os.fspath(init_weights)
+            if not init_weights:
+                raise ValueError("init_weights must be a checkpoint path or None, got an empty string")
+        self.init_weights = init_weights
+        self._init_weights_done = False
         self.metrics = nn.ModuleDict()
         for stage in ("val", "test"):
             self.metrics[f"{stage}_ba"] = BenignAccuracy()
@@ -114,6 +137,25 @@ class BackdoorClassifier(LightningModule):
                 f"mismatched channels: the net expects in_channels={in_ch} but dataset {spec.name!r} "
                 f"has {spec.channels}-channel images; set the model's in_channels={spec.channels}"
             )
+        self._load_init_weights()
+
+    def _load_init_weights(self) -> None:
+        """Copy ``init_weights`` into ``net`` once (skipped when resuming with ``--ckpt_path``)."""
+        if self.init_weights is None or self._init_weights_done:
+            return
+        if self._trainer is not None and self.trainer.ckpt_path is not None:
+            self._init_weights_done = True
+            rank_zero_info(f"init_weights={self.init_weights!r} not loaded: restoring the full training state "
+                           f"from ckpt_path={self.trainer.ckpt_path!r} instead")
+            return
+        load_net_weights(self.net, self.init_weights)
+        self._init_weights_done = True
+        rank_zero_info(f"loaded the network weights of {self.init_weights!r} (fine-tuning: fresh optimiser and "
+                       "scheduler, epoch 0)")
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # the checkpoint's weights supersede init_weights (load_from_checkpoint, --ckpt_path)
+        self._init_weights_done = True
 
     def on_fit_start(self) -> None:
         self._log_backdoor_info()
@@ -194,9 +236,13 @@ class BackdoorClassifier(LightningModule):
         metric.update(logits, original_y, self.target)
         self.log(f"{stage}/asr", metric, on_step=False, on_epoch=True, prog_bar=True, add_dataloader_idx=False, batch_size=n)
         if self.noise_sigmas:
-            gen = torch.Generator(device=x.device).manual_seed(self.noise_seed + batch_idx)
+            # seeded per sample (by its dataset index when the batch carries one), so the numbers do not
+            # depend on batch composition or the DDP rank a sample lands in
+            ids = batch[4] if isinstance(batch, (tuple, list)) and len(batch) > 4 else (
+                batch_idx * len(x) + torch.arange(len(x)))
+            noise = per_sample_normal(x, torch.as_tensor(ids).cpu(), self.noise_seed)
             for i, sigma in enumerate(self.noise_sigmas):
-                noisy = (x + sigma * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)).clamp_(0, 1)
+                noisy = (x + sigma * noise).clamp_(0, 1)
                 m = self.metrics[f"{stage}_asr_noise{i}"]
                 m.update(self.net(noisy), original_y, self.target)
                 self.log(f"{stage}/{noise_key(sigma)}", m, on_step=False, on_epoch=True,
