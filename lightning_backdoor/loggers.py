@@ -138,6 +138,11 @@ class BackdoorWandbLogger(WandbLogger):
                 if kwargs.get("log_model"):
                     kwargs["log_model"] = False  # checkpoints cannot be uploaded offline
         kwargs["settings"] = self._with_init_timeout(kwargs.get("settings"))
+        # W&B's writer is a service process shared by every run of this Python process: a relative
+        # save_dir would be resolved against the service's working directory, not the current one.
+        for key in ("save_dir", "dir"):
+            if kwargs.get(key):
+                kwargs[key] = os.path.abspath(os.fspath(kwargs[key]))
         super().__init__(*args, offline=offline, **kwargs)
 
     def _with_init_timeout(self, settings: Any) -> Any:
