@@ -14,7 +14,7 @@ import yaml
 from lightning_backdoor.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("sweep_"))  # sweep_*: W&B sweep files
 CIFAR_CONFIGS = sorted((CONFIGS / "cifar10").glob("*.yaml"))
 
 
