@@ -227,7 +227,7 @@ def main() -> None:
 
     import wandb
 
-    run = wandb.init(project="lightning_backdoor", name="bench-adaptive", mode="offline", dir=str(args.out),
+    run = wandb.init(project="lightning-backdoor", name="bench-adaptive", mode="offline", dir=str(args.out),
                      config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     wb_columns = ["variant", "ba", "asr"] + [noise_key(s) for s in NOISE] + \
                  ["scale_up_auroc", "ibd_psc_auroc", "ibd_psc_k_det_att", "step_time_rel"]

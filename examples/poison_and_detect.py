@@ -36,7 +36,7 @@ def main() -> None:
     )
     detection = DetectionCallback([ScaleUp(mode="data_limited"), IBDPSC(), Strip(n=10)],
                                   stages=("test",), max_samples=300)
-    logger = WandbLogger(project="lightning_backdoor", offline=True) if args.wandb else None
+    logger = WandbLogger(project="lightning-backdoor", offline=True) if args.wandb else None
     trainer = L.Trainer(max_epochs=args.epochs, callbacks=[detection], logger=logger or False,
                         enable_checkpointing=False)
     trainer.fit(module, data)

@@ -62,11 +62,13 @@ def safe_load(path: PathLike) -> Any:
             f"({reason}). Unpickling arbitrary objects can execute code, so it is not done here; if you "
             "trust the file, re-save only the weights: torch.save(net.state_dict(), 'weights.pt')"
         ) from e
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError) as e:
         raise ValueError(f"could not read checkpoint '{p}' as a torch file: {e}") from e
 
 
-def extract_state_dict(obj: Any, model_keys: List[str], prefix: str = "net.", source: str = "checkpoint") -> Dict[str, Tensor]:
+def extract_state_dict(
+    obj: Any, model_keys: List[str], prefix: str = "net.", source: str = "checkpoint"
+) -> Dict[str, Tensor]:
     """The network's ``state_dict`` inside a loaded checkpoint object (see the module docstring).
 
     ``model_keys`` (the network's own ``state_dict`` keys) decide whether ``prefix`` / ``module.``
@@ -80,16 +82,14 @@ def extract_state_dict(obj: Any, model_keys: List[str], prefix: str = "net.", so
                          f"mapping of parameter names to tensors, got a {found}")
     state = dict(obj)
     wanted = set(model_keys)
-    if set(state) & wanted:
-        pass  # already the network's own names
-    else:
+    if not set(state) & wanted:  # not the network's own names: strip a known prefix
         for p in (prefix, "module.", "module." + prefix):
             if p and any(k.startswith(p) for k in state):
                 stripped = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
                 if set(stripped) & wanted or p == prefix:
                     state = stripped
                     break
-    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor) and not k.endswith("_extra_state")]
     if bad:
         raise ValueError(f"{source}: entries {bad[:10]} are not tensors; expected a state_dict of the network")
     return state
@@ -103,7 +103,7 @@ def _listed(items: List[str]) -> str:
 def state_dict_mismatches(net: nn.Module, state: Mapping[str, Tensor]) -> Tuple[List[str], List[str], List[str]]:
     """``(missing, unexpected, shape_mismatches)`` of ``state`` against ``net``.
 
-    BatchNorm's ``num_batches_tracked`` may be missing (``load_state_dict`` fills it in). Shape
+    BatchNorm's ``num_batches_tracked`` may be missing (the model keeps its own counter). Shape
     mismatches read ``"fc.weight: checkpoint [10, 64] vs model [43, 64]"``.
     """
     own = net.state_dict()
@@ -112,7 +112,7 @@ def state_dict_mismatches(net: nn.Module, state: Mapping[str, Tensor]) -> Tuple[
     shapes = [
         f"{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}"
         for k, v in own.items()
-        if k in state and isinstance(v, Tensor) and tuple(state[k].shape) != tuple(v.shape)
+        if isinstance(v, Tensor) and isinstance(state.get(k), Tensor) and tuple(state[k].shape) != tuple(v.shape)
     ]
     return missing, unexpected, shapes
 

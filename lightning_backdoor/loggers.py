@@ -17,7 +17,7 @@ Example (YAML)::
 
     logger:
       class_path: lightning_backdoor.loggers.BackdoorWandbLogger
-      init_args: {project: lightning_backdoor, name: my-run, save_dir: ., offline: true}
+      init_args: {project: lightning-backdoor, name: my-run, save_dir: ., offline: true}
 """
 
 from __future__ import annotations
