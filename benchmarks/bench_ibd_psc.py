@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_backdoor.detectors.functional.ibd_psc import (
-    SharedPrefixRunner,
+    amplification_runner,
     amplified_layer_counts,
     bn_layers,
     ibd_psc_score,
@@ -80,7 +80,7 @@ def main() -> None:
             for k in args.k:
                 counts = amplified_layer_counts(k, args.n, len(layers))
                 first = layers[len(layers) - counts[-1]]
-                runner = SharedPrefixRunner.try_build(model, layers, first, example=x, omega=args.omega)
+                runner = amplification_runner(model, layers, first, example=x, omega=args.omega)
                 assert runner is not None, f"{name} could not be split"
                 kw = dict(omega=args.omega, n=args.n, layers=layers)
                 shared, a = timed(lambda: ibd_psc_score(model, x, k, runner=runner, **kw).cpu(), args.repeats)

@@ -17,8 +17,6 @@ shapes listed.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any, List, Optional
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Tuple
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -43,24 +43,6 @@ def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
         yield
 
 
-def split_batch(batch) -> Tuple[Tensor, Tensor | None]:
-    """Return ``(x, y)`` from a batch that is a tensor, a tuple/list ``(x, y, ...)`` or a dict with ``x``/``y``
-    (or ``image``/``label``) keys. ``y`` is None when the batch carries no labels."""
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, dict):
-        for xk, yk in (("x", "y"), ("image", "label"), ("input", "target")):
-            if xk in batch:
-                return batch[xk], batch.get(yk)
-        raise ValueError(f"cannot find images in a dict batch with keys {sorted(batch)}; expected 'x'/'y'")
-    if isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], Tensor):
-        return batch[0], (batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None)
-    raise TypeError(
-        f"cannot read a batch of type {type(batch).__name__}; expected a Tensor, a tuple (x, y, ...) "
-        "or a dict with 'x' and 'y'"
-    )
-
-
 def per_sample_normal(x: Tensor, ids: Tensor, seed: int) -> Tensor:
     """Standard normal noise shaped like ``x``, each sample's drawn from a generator seeded by its id.
 
@@ -72,3 +54,30 @@ def per_sample_normal(x: Tensor, ids: Tensor, seed: int) -> Tensor:
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(p) + 1)
         noise[i] = torch.randn(x.shape[1:], generator=g, dtype=x.dtype)
     return noise.to(x.device)
+
+
+def random_subset(n: int, k: int | None, seed: int = 0) -> Tensor:
+    """Sorted positions of a seeded random sample of ``k`` out of ``n`` items (all of them when ``k`` is
+    None or ``>= n``).
+
+    Capped subsets are never "the first ``k``": datasets stored class by class (GTSRB, every
+    ImageFolder) would then give one or two classes. The sample depends only on ``(n, k, seed)``
+    (a local generator; the global RNG is untouched), so every DDP rank draws the same one.
+
+    Example:
+        >>> random_subset(10, 3, seed=0).tolist()
+        [1, 4, 7]
+    """
+    if k is None or k >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.sort(torch.randperm(n, generator=g)[:k]).values
+
+
+def subset_loader(loader: "torch.utils.data.DataLoader", positions: Tensor) -> "torch.utils.data.DataLoader":
+    """A loader over ``Subset(loader.dataset, positions)`` in that order, with the same batch size,
+    collate function and workers (the original loader's sampler is not used)."""
+    from torch.utils.data import DataLoader, Subset
+
+    return DataLoader(Subset(loader.dataset, positions.tolist()), batch_size=loader.batch_size or 1, shuffle=False,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn)

@@ -27,7 +27,7 @@ from lightning_backdoor.losses import create_loss
 from lightning_backdoor.metrics import AttackSuccessRate
 from lightning_backdoor.metrics.detection import detection_metrics
 from lightning_backdoor.models import create_model
-from lightning_backdoor.modules.classifier import parse_batch
+from lightning_backdoor.batch import parse_batch
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -142,8 +142,8 @@ CASES = [
     ("classifier-mismatched-channels", lambda t: fit_with(BackdoorClassifier(TinyResNet(in_channels=3)), dm()),
      ValueError, "mismatched channels: the net expects in_channels=3"),
     ("classifier-bad-noise-sigma", lambda t: BackdoorClassifier(net(), noise_sigmas=[-0.1]), ValueError,
-     "noise_sigmas must be positive"),
-    ("classifier-bad-batch", lambda t: parse_batch("images"), TypeError, "expected a batch"),
+     "noise_sigmas must be > 0"),
+    ("classifier-bad-batch", lambda t: parse_batch("images"), TypeError, "expected a Tensor of images, a tuple"),
     # detectors
     ("detector-nan-images", lambda t: ScaleUp().score(net(), nan_images()), ValueError, "NaN or Inf"),
     ("detector-uint8-images", lambda t: IBDPSC(k=1).score(net(), uint8_images()), TypeError, "divide by 255"),

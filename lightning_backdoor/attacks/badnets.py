@@ -7,7 +7,7 @@ from typing import Any, Dict, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._validation import check_positive_int
+from ..validation import check_seed, check_size2
 from . import functional as AF
 from .base import ATTACKS, Attack, _check_image_shape, _check_trigger_tensor
 
@@ -76,11 +76,11 @@ class BadNets(Attack):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.seed = check_positive_int(seed, "seed", allow_zero=True)
+        self.seed = check_seed(seed)
         self.location = _check_location(location)
         self.user_patch = patch is not None
         if patch is None:
-            self.patch_size = AF._size2(patch_size, "patch_size")
+            self.patch_size = check_size2(patch_size, "patch_size")
         else:
             patch = _check_trigger_tensor(patch, "patch")
             self.patch_size = (int(patch.shape[-2]), int(patch.shape[-1]))
@@ -119,7 +119,7 @@ class BadNets(Attack):
         return row_col
 
     # -- trigger ---------------------------------------------------------------------------------
-    def apply(self, x: Tensor) -> Tensor:
+    def apply_trigger(self, x: Tensor) -> Tensor:
         _, c, h, w = x.shape
         row_col = self._check_shape(c, h, w, device=x.device)
         return AF.stamp_patch(x, self.patch, self.mask, location=row_col).clamp(0, 1)

@@ -16,9 +16,9 @@ How the data pipeline uses an attack (see ``lightning_backdoor.data.PoisonedData
 - ``requires_fit``: attacks that need data or a surrogate model before they can trigger
   (LC, TUAP, NARCISSUS, ISSBA's encoder) implement ``fit(dataset, target, model=None)``; the
   datamodule calls it once before building poisoned sets.
-- Attacks whose trigger generator trains jointly with the classifier (IAD) or that edit weights
-  (SRA) will hook into the LightningModule rather than the dataset; the interface leaves room
-  for them (``trainable`` flag) without changing existing attacks.
+- Attacks whose trigger generator trains jointly with the classifier (IAD) or that edit a trained
+  model's weights (SRA) are other kinds of component with seams of their own; this interface is
+  for triggers applied to data.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_images
+from ..validation import check_images
 from ..registry import Registry
 
 ATTACKS = Registry("attack")
@@ -69,12 +69,11 @@ def _check_image_shape(channels: Any, height: Any, width: Any) -> Tuple[int, int
 
 
 class Attack(nn.Module):
-    """Base class of triggers. Subclasses implement ``apply(x)`` on a checked ``[N, C, H, W]`` batch."""
+    """Base class of triggers. Subclasses implement ``apply_trigger(x)`` on a checked ``[N, C, H, W]`` batch."""
 
     name: str = "attack"
     dirty_label: bool = True
     requires_fit: bool = False
-    trainable: bool = False
     cover_ratio: float = 0.0
     #: Buffers registered as ``None`` and materialised on first use / ``build``. A fresh instance
     #: adopts them from a ``state_dict`` that holds them, so checkpoints restore the exact trigger.
@@ -84,10 +83,15 @@ class Attack(nn.Module):
         x = check_images(x, "x", allow_single=True)
         single = x.dim() == 3
         xb = x.unsqueeze(0) if single else x
-        out = self.apply(xb)
+        out = self.apply_trigger(xb)
         return out[0] if single else out
 
-    def apply(self, x: Tensor) -> Tensor:  # noqa: D401 - batched core
+    def apply_trigger(self, x: Tensor) -> Tensor:
+        """The batched trigger on a checked ``[N, C, H, W]`` batch in ``[0, 1]`` (subclasses implement it).
+
+        Named ``apply_trigger``, not ``apply``: ``nn.Module.apply(fn)`` recurses into submodules, and
+        ``parent.apply(init_fn)`` must keep working when an attack is a submodule.
+        """
         raise NotImplementedError
 
     def cover(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:

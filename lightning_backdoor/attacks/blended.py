@@ -7,7 +7,7 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
-from .._validation import check_positive_int, check_probability
+from ..validation import check_probability, check_seed
 from . import functional as AF
 from .base import ATTACKS, Attack, _check_image_shape, _check_trigger_tensor
 
@@ -48,7 +48,7 @@ class Blended(Attack):
     def __init__(self, alpha: float = 0.2, pattern: Tensor | None = None, seed: int = 0) -> None:
         super().__init__()
         self.alpha = check_probability(alpha, "alpha", low_open=True)
-        self.seed = check_positive_int(seed, "seed", allow_zero=True)
+        self.seed = check_seed(seed)
         self.user_pattern = pattern is not None
         if pattern is not None:
             pattern = _check_trigger_tensor(pattern, "pattern")
@@ -75,7 +75,7 @@ class Blended(Attack):
                 "create a new Blended instance for another image size"
             )
 
-    def apply(self, x: Tensor) -> Tensor:
+    def apply_trigger(self, x: Tensor) -> Tensor:
         _, c, h, w = x.shape
         self._check_shape(c, h, w, device=x.device)
         pattern = AF.resize_pattern(self.pattern.to(device=x.device, dtype=x.dtype), h, w)

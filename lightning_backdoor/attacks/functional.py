@@ -26,11 +26,13 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..validation import check_seed, check_size2
 
 __all__ = [
     "LOCATIONS",
@@ -59,8 +61,7 @@ def seeded_generator(seed: int) -> torch.Generator:
     Trigger state is always drawn on the CPU so that the same seed gives the same trigger on
     every device; move it afterwards.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
@@ -76,22 +77,6 @@ def _rand_like_on(shape: Tuple[int, ...], like: Tensor, generator: torch.Generat
 
 
 # -- patches -------------------------------------------------------------------------------------
-def _size2(value: Any, name: str) -> Tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
-    if isinstance(value, int):
-        value = (value, value)
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        raise TypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
-    if value[0] < 1 or value[1] < 1:
-        raise ValueError(f"{name} must be >= 1, got {tuple(value)}")
-    return int(value[0]), int(value[1])
-
-
 def resolve_location(
     location: Location, patch_size: int | Sequence[int], image_size: int | Sequence[int]
 ) -> Tuple[int, int]:
@@ -110,8 +95,8 @@ def resolve_location(
         >>> resolve_location("bottom_right", 3, (32, 28))
         (29, 25)
     """
-    p, q = _size2(patch_size, "patch_size")
-    h, w = _size2(image_size, "image_size")
+    p, q = check_size2(patch_size, "patch_size")
+    h, w = check_size2(image_size, "image_size")
     if p > h or q > w:
         raise ValueError(f"patch_size {(p, q)} is larger than the image size {(h, w)} (H, W)")
     if isinstance(location, str):

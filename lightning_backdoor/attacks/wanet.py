@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict
 
 import torch
 from torch import Tensor
 
-from .._validation import check_images, check_positive_float, check_positive_int
+from ..validation import check_images, check_non_negative_float, check_positive_float, check_positive_int, check_seed
 from . import functional as AF
 from .base import ATTACKS, Attack, _check_image_shape
-
-
-def _check_non_negative(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise TypeError(f"{name} must be a finite real number >= 0, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return float(value)
 
 
 @ATTACKS.register("wanet")
@@ -63,11 +54,11 @@ class WaNet(Attack):
     ) -> None:
         super().__init__()
         self.k = check_positive_int(k, "k")
-        self.s = _check_non_negative(s, "s")
+        self.s = check_non_negative_float(s, "s")
         self.grid_rescale = check_positive_float(grid_rescale, "grid_rescale")
-        self.cross_ratio = _check_non_negative(cross_ratio, "cross_ratio")
+        self.cross_ratio = check_non_negative_float(cross_ratio, "cross_ratio")
         self.cover_ratio = self.cross_ratio
-        self.seed = check_positive_int(seed, "seed", allow_zero=True)
+        self.seed = check_seed(seed)
         self.register_buffer("noise", AF.wanet_noise(self.k, generator=AF.seeded_generator(self.seed)))
 
     def build(self, channels: int, height: int, width: int) -> "WaNet":
@@ -92,7 +83,7 @@ class WaNet(Attack):
                 cache[key] = AF.wanet_grid(self.noise.to(device), height, width, self.s, self.grid_rescale)
         return cache[key]
 
-    def apply(self, x: Tensor) -> Tensor:
+    def apply_trigger(self, x: Tensor) -> Tensor:
         _, c, h, w = x.shape
         self.build(c, h, w)
         return AF.warp(x, self.grid(h, w, x.device))

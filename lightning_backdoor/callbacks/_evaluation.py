@@ -6,36 +6,44 @@ from typing import Any, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
-from ..utils import per_sample_normal, split_batch
+from ..batch import parse_batch
+from ..utils import per_sample_normal, random_subset, subset_loader
 
 
-def shard(loader: DataLoader, rank: int, world_size: int, max_samples: Optional[int]) -> Tuple[DataLoader, Tensor]:
-    """This rank's share of the first ``max_samples`` samples of ``loader.dataset``, and their positions.
+def shard(loader: DataLoader, rank: int, world_size: int, max_samples: Optional[int],
+          seed: int = 0) -> Tuple[DataLoader, Tensor]:
+    """This rank's share of ``loader.dataset`` (capped at ``max_samples``), and their positions in it.
 
-    Ranks take interleaved positions ``rank, rank + world_size, ...`` with no padding, so every
-    sample is evaluated exactly once across ranks (``DistributedSampler`` pads by repeating samples).
+    The cap is a seeded random sample of the set (:func:`~lightning_backdoor.utils.random_subset`, the
+    same on every rank), never its first samples: sets stored class by class would otherwise give a
+    few classes only. Ranks then take interleaved positions ``rank, rank + world_size, ...`` of it with
+    no padding, so every sample is evaluated exactly once across ranks (``DistributedSampler`` pads by
+    repeating samples).
     """
     ds = getattr(loader, "dataset", None)
-    if ds is None or not hasattr(ds, "__len__"):
+    if ds is None or not hasattr(ds, "__len__") or isinstance(ds, IterableDataset):
         raise TypeError(
             f"evaluation loaders must wrap a map-style dataset (with __len__), got {type(loader).__name__}"
+            + (f" over {type(ds).__name__}" if ds is not None else "")
         )
-    n = len(ds) if max_samples is None else min(len(ds), max_samples)
-    positions = torch.arange(rank, n, world_size)
-    if world_size == 1 and n == len(ds) and getattr(loader, "sampler", None).__class__.__name__ == "SequentialSampler":
+    chosen = random_subset(len(ds), max_samples, seed)
+    positions = chosen[rank::world_size]
+    if world_size == 1 and len(chosen) == len(ds) and isinstance(getattr(loader, "sampler", None), SequentialSampler):
         return loader, positions
-    sub = DataLoader(Subset(ds, positions.tolist()), batch_size=loader.batch_size or 1, shuffle=False,
-                     num_workers=loader.num_workers, collate_fn=loader.collate_fn)
-    return sub, positions
+    return subset_loader(loader, positions), positions
 
 
 def iter_batches(loader: DataLoader, positions: Tensor, device: torch.device) -> Iterator[Tuple[Tensor, Optional[Tensor], Tensor]]:
-    """Yield ``(x, y, positions)`` on ``device``; ``positions`` index the samples in the full set."""
+    """Yield ``(x, original_y, positions)`` on ``device``; ``positions`` index the samples in the full set.
+
+    The label is the batch's *true* label (``original_y``, or ``y`` for plain ``(x, y)`` batches).
+    """
     offset = 0
     for batch in loader:
-        x, y = split_batch(batch)
+        b = parse_batch(batch)
+        x, y = b.x, b.original_y
         pos = positions[offset:offset + len(x)]
         offset += len(x)
         yield x.to(device), (y.to(device) if y is not None else None), pos

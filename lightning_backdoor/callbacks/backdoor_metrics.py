@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from ..batch import parse_batch
 from ..metrics.backdoor import AttackSuccessRate, BenignAccuracy
 from ..utils import evaluating
-from ._evaluation import iter_batches, rank_and_world, shard
+from ._evaluation import rank_and_world, shard
 from .detection import resolve_net
 
 _PREFIX = {"validate": "val", "test": "test"}
@@ -77,7 +78,7 @@ class BackdoorMetrics(Callback):
         values: Dict[str, float] = {}
         if clean is not None:
             ba = BenignAccuracy().to(device)
-            self._accumulate(net, clean, rank, world, device, lambda logits, b: ba.update(logits, b[1].to(device)))
+            self._accumulate(net, clean, rank, world, device, lambda logits, b: ba.update(logits, b.y.to(device)))
             values[f"{name}/ba"] = float(ba.compute())
         if poisoned is not None:
             if target is None:
@@ -85,11 +86,8 @@ class BackdoorMetrics(Callback):
             else:
                 asr = AttackSuccessRate(target).to(device)
 
-                def update(logits, b):
-                    orig = b[3].to(device) if isinstance(b, (tuple, list)) and len(b) > 3 else None
-                    asr.update(logits, orig)
-
-                self._accumulate(net, poisoned, rank, world, device, update)
+                self._accumulate(net, poisoned, rank, world, device,
+                                 lambda logits, b: asr.update(logits, b.original_y.to(device)))
                 values[f"{name}/asr"] = float(asr.compute())
         for key, val in values.items():
             pl_module.log(key, val, sync_dist=False)
@@ -99,6 +97,5 @@ class BackdoorMetrics(Callback):
         sub, _ = shard(loader, rank, world, self.max_samples)
         with evaluating(net), torch.no_grad():
             for batch in sub:
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch["x"]
-                b = batch if isinstance(batch, (tuple, list)) else (batch["x"], batch["y"])
-                update(net(x.to(device)), b)
+                b = parse_batch(batch, require_labels=True)
+                update(net(b.x.to(device)), b)

@@ -9,12 +9,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
 from ..detectors.base import Detector, collect_benign
 from ..metrics.detection import DetectionMetrics
 from ..utils import evaluating, model_device
+from ..validation import check_optional_positive_int, check_positive_int, check_probability
 from ._evaluation import iter_batches, per_sample_noise, rank_and_world, sample_ids, shard
 
 _STAGES = ("validate", "test")
@@ -114,13 +115,10 @@ class DetectionCallback(Callback):
         for s in stages:
             if s not in _STAGES:
                 raise ValueError(f"stages must be a subset of {list(_STAGES)}, got {list(stages)}")
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be an int >= 1, got {every_n_epochs!r}")
-        for name, v in (("max_samples", max_samples), ("fit_samples", fit_samples)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
-        if not isinstance(noise_magnitude, (int, float)) or not 0 < noise_magnitude <= 1:
-            raise ValueError(f"noise_magnitude must be in (0, 1], got {noise_magnitude!r}")
+        every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
+        max_samples = check_optional_positive_int(max_samples, "max_samples")
+        fit_samples = check_optional_positive_int(fit_samples, "fit_samples")
+        noise_magnitude = check_probability(noise_magnitude, "noise_magnitude", low_open=True)
         self.detectors = detectors
         self.stages = tuple(stages)
         self.every_n_epochs = every_n_epochs
@@ -221,7 +219,7 @@ class DetectionCallback(Callback):
         benign = None
         if fit is not None and any(d.requires_fit for d in self.detectors):
             # the same held-apart samples on every rank, so fitted state is identical across ranks
-            benign = collect_benign(fit, device=model_device(net), max_samples=self.fit_samples)
+            benign = collect_benign(fit, device=model_device(net), max_samples=self.fit_samples, seed=self.seed)
         for det in self.detectors:
             if det.requires_fit:
                 if fit is None:
@@ -249,7 +247,7 @@ class DetectionCallback(Callback):
         except ImportError:  # pragma: no cover
             tqdm = None
         for loader, is_poisoned, set_id in sets:
-            sub, positions = shard(loader, rank, world, self.max_samples)
+            sub, positions = shard(loader, rank, world, self.max_samples, seed=self.seed)
             self.last_num_scored["poisoned" if is_poisoned else "benign"] = int(len(positions))
             it = iter_batches(sub, positions, device)
             if tqdm is not None and self.progress and rank == 0:

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
-from .._validation import check_label, check_positive_int, check_probability
+from ..validation import check_label, check_positive_int, check_probability
 from ..attacks.base import Attack
 from .datasets import DatasetSpec, get_spec
 from .loaders import ResumableDataLoader, capture_rng, eval_sampler, restore_rng
-from .poisoned import CleanDataset, PoisonedDataset, dataset_labels, fingerprint
+from .poisoned import CleanDataset, PoisonedDataset, dataset_labels, fingerprint, stratified_split
 
-#: Bumped when the meaning of :meth:`BackdoorDataModule.state_dict` changes.
-STATE_VERSION = 2
+#: Bumped when the meaning of :meth:`BackdoorDataModule.state_dict` changes. Version 3: stratified
+#: validation/defence splits and the poison rate as a share of the whole training set.
+STATE_VERSION = 3
 
 
 class CheckpointMismatchError(ValueError):
@@ -69,10 +70,14 @@ class BackdoorDataModule(LightningDataModule):
         root: folder holding the dataset files (not needed for ``mnist5k``).
         attack: the trigger; ``None`` trains a clean model.
         target: the target label.
-        rate: share of the non-target training samples to poison, in ``(0, 1]``.
+        rate: poisoned share of the whole training set, in ``(0, 1]`` (the field's convention; the
+            poisoned samples are drawn from the non-target samples, or from the target class for
+            clean-label attacks). The poisoned and cover counts are recorded with the run.
         seed: seeds the splits and the poisoned index set.
-        val_size: samples (int) or fraction (float) of the training split held out for validation.
-        defense_size: clean samples held out of training for fitting detectors.
+        val_size: samples (int) or fraction (float) of the training split held out for validation
+            (stratified by class).
+        defense_size: clean samples held out of training for fitting detectors (stratified by class,
+            so data-limited detectors see every class; ≈100 per class in the paper-scale configs).
         test_size: test split size for ``mnist5k`` (other datasets have an official test split).
         batch_size / eval_batch_size: loader batch sizes (``eval_batch_size`` defaults to ``batch_size``).
         num_workers: DataLoader workers.
@@ -151,9 +156,8 @@ class BackdoorDataModule(LightningDataModule):
         n = len(train_full)
         n_val = _split_count(self.val_size, n, "val_size")
         n_def = _split_count(self.defense_size, n - n_val, "defense_size")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        val_idx, def_idx, train_idx = perm[:n_val], perm[n_val:n_val + n_def], perm[n_val + n_def:]
-        train_idx = torch.sort(train_idx).values
+        # stratified by class: a small split of a dataset stored class by class still holds every class
+        val_idx, def_idx, train_idx = stratified_split(labels, [n_val, n_def], self.seed)
         train_base = Subset(train_full, train_idx.tolist())
         train_labels = labels[train_idx]
 
@@ -169,10 +173,10 @@ class BackdoorDataModule(LightningDataModule):
         else:
             self.train_set = PoisonedDataset(train_base, self.attack, self.target, self.num_classes,
                                              self.rate, self.seed, "train", aug, labels=train_labels)
-        val_base = Subset(train_full, torch.sort(val_idx).values.tolist())
+        val_base = Subset(train_full, val_idx.tolist())
         self.val_clean = CleanDataset(val_base)
         self.test_clean = CleanDataset(test)
-        self.defense_set = CleanDataset(Subset(train_full, torch.sort(def_idx).values.tolist()))
+        self.defense_set = CleanDataset(Subset(train_full, def_idx.tolist()))
         self.val_poisoned: Optional[Dataset] = None
         self.test_poisoned: Optional[Dataset] = None
         if self.attack is not None:
@@ -299,7 +303,6 @@ class BackdoorDataModule(LightningDataModule):
         trainer = self._trainer_or_none()
         if "rng" in state and trainer is not None and getattr(trainer.state, "fn", None) == "fit":
             restore_rng(state["rng"])  # data order, augmentation and cover noise continue as uninterrupted
-        self._restored = state
         if self._built:
             self._verify(state)
         else:
@@ -309,6 +312,12 @@ class BackdoorDataModule(LightningDataModule):
         return getattr(self, "trainer", None)
 
     def _check_settings(self, state: Dict[str, Any]) -> None:
+        version = int(state.get("version", 1))
+        if version != STATE_VERSION:
+            raise CheckpointMismatchError(
+                f"the checkpoint's data state has version {version} but this lightning_backdoor writes version "
+                f"{STATE_VERSION} (version 3 made the validation/defence splits stratified and the poison rate a "
+                "share of the whole training set), so its poisoned set cannot be rebuilt; retrain with this version")
         mine = {"dataset": self.spec.name, "seed": self.seed, "target": self.target, "rate": self.rate}
         for key in ("test_size", "val_size", "defense_size"):
             if key in state:

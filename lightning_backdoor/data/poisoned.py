@@ -18,13 +18,13 @@ Each item is a :class:`Sample` ``(x, y, poisoned, original_y, index)``; ``y`` is
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, List, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from .._validation import check_label, check_probability
+from ..validation import check_label, check_probability
 from ..attacks.base import Attack
 
 
@@ -62,24 +62,84 @@ def dataset_labels(dataset: Dataset) -> Tensor:
 def select_poison_indices(
     labels: Tensor, target: int, rate: float, seed: int, *, dirty_label: bool = True
 ) -> Tensor:
-    """Seeded choice of the poisoned indices: ``round(rate * #candidates)`` of the candidates.
+    """Seeded choice of the poisoned indices: ``round(rate * len(labels))`` of the candidates (at least one).
 
-    Candidates are the samples whose label is not ``target`` (dirty-label attacks) or is ``target``
-    (clean-label attacks). Returns a sorted LongTensor; the same ``(labels, target, rate, seed)``
-    always gives the same set, independent of the global RNG.
+    One convention for every attack, the field's: ``rate`` is the poisoned share of the **whole**
+    training set. The poisoned samples are drawn from the samples whose label is not ``target``
+    (dirty-label attacks, which relabel them) or is ``target`` (clean-label attacks, which keep
+    labels). Returns a sorted LongTensor; the same ``(labels, target, rate, seed)`` always gives the
+    same set, independent of the global RNG.
+
+    Raises:
+        ValueError: no candidates, or ``rate`` asks for more samples than there are candidates.
     """
     rate = check_probability(rate, "rate", low_open=True)
     candidates = torch.nonzero(labels != target if dirty_label else labels == target).flatten()
+    kind = "non-target" if dirty_label else "target-class"
     if len(candidates) == 0:
-        kind = "non-target" if dirty_label else "target-class"
         raise ValueError(
             f"dataset has no {kind} samples to poison for target={target}; labels present: "
             f"{sorted(set(labels.tolist()))[:20]}"
         )
-    count = max(1, round(rate * len(candidates)))
+    count = max(1, round(rate * len(labels)))
+    if count > len(candidates):
+        raise ValueError(
+            f"rate={rate} asks for {count} poisoned samples ({rate:g} of the {len(labels)} training samples) but "
+            f"only {len(candidates)} are {kind} samples for target={target}; the largest rate is "
+            f"{len(candidates) / len(labels):.4g}"
+        )
     g = torch.Generator().manual_seed(int(seed))
     chosen = candidates[torch.randperm(len(candidates), generator=g)[:count]]
     return torch.sort(chosen).values
+
+
+def stratified_split(labels: Tensor, sizes: Sequence[int], seed: int) -> List[Tensor]:
+    """Split ``range(len(labels))`` into parts of the given ``sizes`` plus the rest, each stratified by class.
+
+    Every part holds each class in (as nearly as integers allow) its share of the whole set, so a
+    small defence or validation split of a dataset stored class by class still holds every class.
+    Class quotas use the largest-remainder method; within a class the order is a seeded permutation.
+
+    Returns:
+        ``len(sizes) + 1`` sorted LongTensors (the last one: the remaining indices).
+
+    Example:
+        >>> labels = torch.tensor([0] * 6 + [1] * 4)
+        >>> val, rest = stratified_split(labels, [5], seed=0)
+        >>> torch.bincount(labels[val]).tolist(), len(rest)
+        ([3, 2], 5)
+    """
+    n = len(labels)
+    sizes = [int(s) for s in sizes]
+    if any(s < 0 for s in sizes) or sum(sizes) > n:
+        raise ValueError(f"split sizes {sizes} must be >= 0 and sum to at most the {n} samples")
+    g = torch.Generator().manual_seed(int(seed))
+    members = {int(c): torch.nonzero(labels == c).flatten() for c in torch.unique(labels)}
+    members = {c: idx[torch.randperm(len(idx), generator=g)] for c, idx in members.items()}
+    taken = {c: 0 for c in members}
+    parts: List[Tensor] = []
+    for size in sizes:
+        remaining = {c: len(idx) - taken[c] for c, idx in members.items()}
+        total = sum(remaining.values())
+        if size == 0 or total == 0:
+            parts.append(torch.empty(0, dtype=torch.long))
+            continue
+        exact = {c: size * r / total for c, r in remaining.items()}
+        quota = {c: min(remaining[c], int(e)) for c, e in exact.items()}
+        short = size - sum(quota.values())
+        for c in sorted(exact, key=lambda c: (-(exact[c] - int(exact[c])), c)):
+            if short <= 0:
+                break
+            if quota[c] < remaining[c]:
+                quota[c] += 1
+                short -= 1
+        chosen = [members[c][taken[c]:taken[c] + quota[c]] for c in members]
+        for c in members:
+            taken[c] += quota[c]
+        parts.append(torch.sort(torch.cat(chosen)).values)
+    rest = [members[c][taken[c]:] for c in members]
+    parts.append(torch.sort(torch.cat(rest)).values if rest else torch.empty(0, dtype=torch.long))
+    return parts
 
 
 def fingerprint(indices: Tensor) -> str:
@@ -96,10 +156,12 @@ class PoisonedDataset(Dataset):
         attack: the trigger (an :class:`~lightning_backdoor.attacks.Attack`).
         target: the target label ``t``.
         num_classes: number of classes (to validate ``target``).
-        rate: share of the candidate samples to poison, in ``(0, 1]`` (``mode="train"``).
+        rate: poisoned share of the whole training set, in ``(0, 1]`` (``mode="train"``), drawn from
+            the non-target samples (dirty-label) or the target class (clean-label); see
+            :func:`select_poison_indices`.
         seed: seeds the poisoned index set (and the cover set).
-        mode: ``"train"`` poisons a ``rate`` share of the non-target samples (labels set to the
-            target for dirty-label attacks; cover samples keep theirs); ``"test"`` keeps only
+        mode: ``"train"`` poisons ``round(rate * len(dataset))`` samples (labels set to the target for
+            dirty-label attacks; cover samples keep theirs); ``"test"`` keeps only
             samples whose true label is not the target, all triggered and labelled ``target``
             (the ASR set).
         transform: applied after the trigger (augmentation); ``None`` for evaluation sets.
@@ -164,7 +226,8 @@ class PoisonedDataset(Dataset):
         if cover_ratio <= 0:
             return torch.empty(0, dtype=torch.long)
         rest = torch.nonzero(~torch.isin(torch.arange(len(self.labels)), self.poison_indices)).flatten()
-        count = min(len(rest), round(cover_ratio * self.rate * len(self.labels)))
+        # the field's convention (WaNet's noise mode): cover count = cross_ratio x number poisoned
+        count = min(len(rest), round(cover_ratio * len(self.poison_indices)))
         g = torch.Generator().manual_seed(self.seed + 1)
         return torch.sort(rest[torch.randperm(len(rest), generator=g)[:count]]).values
 
@@ -200,6 +263,7 @@ class PoisonedDataset(Dataset):
             "target": self.target,
             "num_poisoned": int(len(self.poison_indices)),
             "num_cover": int(len(self.cover_indices)),
+            "num_train": int(len(self.labels)),
             "poison_fingerprint": self.fingerprint,
             "poison_seed": self.seed,
         }

@@ -6,6 +6,11 @@
 
 from . import functional
 from .base import DETECTORS, Detector, collect_benign, create_detector, iter_benign, list_detectors, threshold_at_fpr
+from .ibd_psc import IBDPSC
 from .scale_up import ScaleUp
 from .strip import Strip
-from .ibd_psc import IBDPSC
+
+__all__ = [
+    "DETECTORS", "Detector", "IBDPSC", "ScaleUp", "Strip", "collect_benign", "create_detector", "functional",
+    "iter_benign", "list_detectors", "threshold_at_fpr",
+]

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, Tuple
 
+import math
+
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
 
-from .._validation import check_images
+from ..validation import check_images, check_real
 from ..registry import Registry
-from ..utils import model_device, split_batch
+from ..batch import parse_batch
+from ..utils import model_device, random_subset, subset_loader
 
 DETECTORS = Registry("detector")
 
@@ -54,9 +58,8 @@ class Detector:
     accepts_sample_ids: bool = False
 
     def __init__(self, threshold: float = 0.5) -> None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"threshold must be a real number, got {threshold!r}")
-        self.threshold = float(threshold)
+        self.threshold = float(threshold) if isinstance(threshold, float) and math.isnan(threshold) else check_real(
+            threshold, "threshold")
         self.fitted = False
 
     # -- interface -------------------------------------------------------------------------------
@@ -123,18 +126,25 @@ def threshold_at_fpr(benign_scores: Tensor, target_fpr: float) -> float:
 
 
 def iter_benign(benign: Any, device: torch.device | None = None) -> Iterable[Tuple[Tensor, Tensor]]:
-    """Yield ``(x, y)`` batches from a DataLoader/iterable of batches or a single ``(x, y)`` pair."""
+    """Yield labelled ``(x, y)`` batches from a DataLoader/iterable of batches or a single ``(x, y)`` pair.
+
+    Batches are read with :func:`~lightning_backdoor.batch.parse_batch` (tuples, dicts, ``Sample``).
+    """
     if isinstance(benign, (tuple, list)) and len(benign) == 2 and all(isinstance(t, Tensor) for t in benign):
         batches: Iterable[Any] = [benign]
     elif isinstance(benign, Tensor):
         raise TypeError("benign must be a DataLoader or an (x, y) pair of tensors; labels are needed")
+    elif not hasattr(benign, "__iter__"):
+        raise TypeError(f"benign must be a DataLoader, an iterable of (x, y, ...) batches or an (x, y) pair, "
+                        f"got {type(benign).__name__}")
     else:
         batches = benign
     n = 0
     for batch in batches:
-        x, y = split_batch(batch)
-        if y is None:
+        b = parse_batch(batch)
+        if b.y is None:
             raise ValueError("benign batches must carry labels: (x, y, ...) tuples or dicts with 'y'")
+        x, y = b.x, b.y
         check_images(x, "benign images", allow_single=False)
         if device is not None:
             x, y = x.to(device), y.to(device)
@@ -144,16 +154,26 @@ def iter_benign(benign: Any, device: torch.device | None = None) -> Iterable[Tup
         raise ValueError("benign data is empty; pass a non-empty DataLoader or (x, y) pair")
 
 
-def collect_benign(benign: Any, device: torch.device | None = None, max_samples: int | None = None) -> Tuple[Tensor, Tensor]:
-    """Concatenate benign data into one ``(x, y)`` pair (capped at ``max_samples``)."""
-    xs, ys, n = [], [], 0
+def collect_benign(
+    benign: Any, device: torch.device | None = None, max_samples: int | None = None, seed: int = 0
+) -> Tuple[Tensor, Tensor]:
+    """Concatenate benign data into one ``(x, y)`` pair, capped at a seeded random sample of ``max_samples``.
+
+    The cap never takes "the first ``max_samples``" (a class-sorted loader would give one class): from
+    an ``(x, y)`` pair or a DataLoader over a sized map-style dataset, only the sampled items are
+    read; from any other iterable everything is read and then sampled. The sample depends only on
+    ``(size, max_samples, seed)``, so every DDP rank fits on the same samples.
+    """
+    if max_samples is not None and isinstance(benign, DataLoader):
+        ds = benign.dataset
+        if hasattr(ds, "__len__") and not isinstance(ds, IterableDataset) and len(ds) > max_samples:
+            benign = subset_loader(benign, random_subset(len(ds), max_samples, seed))
+    xs, ys = [], []
     for x, y in iter_benign(benign, device):
         xs.append(x)
         ys.append(y)
-        n += len(x)
-        if max_samples is not None and n >= max_samples:
-            break
     x, y = torch.cat(xs), torch.cat(ys)
-    if max_samples is not None:
-        x, y = x[:max_samples], y[:max_samples]
+    if max_samples is not None and len(x) > max_samples:
+        keep = random_subset(len(x), max_samples, seed).to(x.device)
+        x, y = x[keep], y[keep]
     return x, y

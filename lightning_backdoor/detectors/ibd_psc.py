@@ -11,23 +11,15 @@ confidence (METHODS.md section 3).
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_choice, check_positive_float, check_positive_int, check_probability
+from ..validation import check_choice, check_positive_float, check_positive_int, check_probability
 from ..utils import model_device, preserved_rng
 from .base import DETECTORS, Detector, collect_benign
-from .functional.ibd_psc import (
-    LAYER_RANGES,
-    SharedPrefixRunner,
-    amplified_layer_counts,
-    bn_layers,
-    ibd_psc_score,
-    select_k,
-)
+from .functional.ibd_psc import LAYER_RANGES, BNLayerCache, amplified_layer_counts, fit_k, ibd_psc_score
 
 
 @DETECTORS.register("ibd_psc")
@@ -91,11 +83,7 @@ class IBDPSC(Detector):
         self.requires_fit = k is None
         self.etas: List[float] = []
         self.num_bn_layers: Optional[int] = None
-        # model -> (signature, BN layer names, {first amplified layer: runner or None}); weak keys,
-        # one entry, so no model is kept alive by the detector.
-        self._cache: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, List[str], Dict[str, Any]]]" = (
-            weakref.WeakKeyDictionary()
-        )
+        self._layers = BNLayerCache()  # BN order and shared-prefix runners per model (weak, one entry)
 
     # -- interface -------------------------------------------------------------------------------
     def fit(self, model: nn.Module, benign: Any) -> "IBDPSC":
@@ -105,11 +93,8 @@ class IBDPSC(Detector):
         device = model_device(model)
         x, y = collect_benign(benign, device, self.max_fit_samples)
         with preserved_rng(device):
-            layers = self._layers(model, x)
-            if self._k_arg is None:
-                self.k, self.etas = select_k(model, x, y, self.omega, self.xi, layers=layers)
-            else:
-                self._check_k(self._k_arg, len(layers))
+            layers = self._layers.layers(model, x)
+            self.k, self.etas = fit_k(model, x, y, self._k_arg, omega=self.omega, xi=self.xi, layers=layers)
         self.num_bn_layers = len(layers)
         self.fitted = True
         return self
@@ -125,10 +110,9 @@ class IBDPSC(Detector):
         if len(x) == 0:
             return torch.empty(0, device=x.device)
         with preserved_rng(x.device):
-            layers = self._layers(model, x)
-            self._check_k(self.k, len(layers))
+            layers = self._layers.layers(model, x)
             counts = amplified_layer_counts(self.k, self.n, len(layers), self.layer_range, warn=False)
-            runner = self._runner(model, layers, layers[len(layers) - counts[-1]], x)
+            runner = self._layers.runner(model, layers[len(layers) - counts[-1]], x, self.omega)
             return ibd_psc_score(
                 model,
                 x,
@@ -173,37 +157,3 @@ class IBDPSC(Detector):
         self.etas = [float(e) for e in state.get("etas", [])]
         num = state.get("num_bn_layers")
         self.num_bn_layers = None if num is None else int(num)
-
-    # -- pickling: the per-model cache is not part of the detector's state -------------------------
-    def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_cache"] = None
-        return state
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._cache = weakref.WeakKeyDictionary()
-
-    # -- helpers ---------------------------------------------------------------------------------
-    @staticmethod
-    def _check_k(k: int, num_layers: int) -> None:
-        if k > num_layers:
-            raise ValueError(f"k must be at most the model's number of BatchNorm2d layers ({num_layers}), got k={k}")
-
-    def _entry(self, model: nn.Module, x: Tensor) -> Tuple[Any, List[str], Dict[str, Any]]:
-        sig = SharedPrefixRunner.signature(model)
-        entry = self._cache.get(model)
-        if entry is None or entry[0] != sig:
-            self._cache.clear()
-            entry = (sig, bn_layers(model, x), {})
-            self._cache[model] = entry
-        return entry
-
-    def _layers(self, model: nn.Module, x: Tensor) -> List[str]:
-        return self._entry(model, x)[1]
-
-    def _runner(self, model: nn.Module, layers: Sequence[str], first: str, x: Tensor) -> Optional[SharedPrefixRunner]:
-        runners = self._entry(model, x)[2]
-        if first not in runners:
-            runners[first] = SharedPrefixRunner.try_build(model, layers, first, example=x, omega=self.omega)
-        return runners[first]

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_choice, check_positive_int, check_probability
+from ..validation import check_choice, check_optional_real, check_positive_int, check_probability
 from ..utils import evaluating, model_device
 from .base import DETECTORS, Detector, iter_benign, threshold_at_fpr
 from .functional.scale_up import DEFAULT_SCALES, check_scales, scale_up_class_stats, scale_up_nspc, scale_up_spc
@@ -76,9 +76,7 @@ class ScaleUp(Detector):
         self.mode = check_choice(mode, "mode", SCALE_UP_MODES)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.target_fpr = check_probability(target_fpr, "target_fpr", high_open=True)
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-            raise TypeError(f"threshold must be a real number or None, got {threshold!r}")
-        self._threshold_arg = None if threshold is None else float(threshold)
+        self._threshold_arg = check_optional_real(threshold, "threshold")
         default = 0.5 if mode == "data_free" else math.nan
         super().__init__(default if threshold is None else float(threshold))
         self.requires_fit = mode != "data_free"

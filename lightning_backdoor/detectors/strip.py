@@ -14,9 +14,9 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_choice, check_positive_int, check_probability
-from ..utils import evaluating, model_device
-from .base import DETECTORS, Detector, collect_benign, iter_benign, threshold_at_fpr
+from ..validation import check_choice, check_optional_real, check_positive_int, check_probability, check_seed
+from ..utils import evaluating, model_device, random_subset
+from .base import DETECTORS, Detector, collect_benign, threshold_at_fpr
 from .functional.strip import STRIP_MODES, strip_entropy, strip_overlay_indices
 
 
@@ -28,13 +28,14 @@ class Strip(Detector):
     sum clipped to [0, 1] as in the original, or ``"average"``: 50/50 blend -- and the score is
     minus the mean entropy (nats) of the softmax over classes of those superimposed inputs.
 
-    ``fit(model, benign)`` keeps the first ``pool_size`` benign images (on the model's device) as
-    the clean pool and, when ``threshold`` is None, scores *all* benign fit images and sets the
-    threshold so that at most ``target_fpr`` (default **5%**) of them are flagged. The original
-    STRIP fixes the false-rejection rate on held-out clean data at 1%: pass ``target_fpr=0.01``
-    for that; 5% is the default because data-limited fit sets are small and their 1% tail is
-    noisy. ``benign`` is read twice in that case, so it must be a DataLoader or an ``(x, y)``
-    pair, not a one-shot iterator.
+    ``fit(model, benign)`` keeps a seeded random sample of ``pool_size`` benign images (on the
+    model's device) as the clean pool and, when ``threshold`` is None, scores *all* benign fit images
+    and sets the threshold so that at most ``target_fpr`` (default **5%**) of them are flagged. A
+    calibration image that is in the pool is never blended with itself (a test input is never in
+    the pool either), so the calibration scores follow the distribution of benign test scores.
+    The original STRIP fixes the false-rejection rate on held-out clean data at 1%: pass
+    ``target_fpr=0.01`` for that; 5% is the default because data-limited fit sets are small and
+    their 1% tail is noisy.
 
     Randomness comes from a detector-owned ``torch.Generator`` seeded with ``seed`` (the global
     RNG is never used); its state is part of ``state_dict``. With ``score(..., sample_ids=ids)``
@@ -77,12 +78,8 @@ class Strip(Detector):
         self.pool_size = check_positive_int(pool_size, "pool_size")
         self.target_fpr = check_probability(target_fpr, "target_fpr", high_open=True)
         self.batch_size = check_positive_int(batch_size, "batch_size")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-            raise TypeError(f"threshold must be a real number or None, got {threshold!r}")
-        self._threshold_arg = None if threshold is None else float(threshold)
+        self.seed = check_seed(seed)
+        self._threshold_arg = check_optional_real(threshold, "threshold")
         super().__init__(math.nan if threshold is None else float(threshold))
         self.pool: Optional[Tensor] = None
         self.generator = torch.Generator().manual_seed(seed)
@@ -92,18 +89,22 @@ class Strip(Detector):
         """Store the clean pool and, if no threshold was given, set it from benign scores."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        calibrate = self._threshold_arg is None
-        if calibrate and iter(benign) is benign:
-            raise TypeError(
-                "benign must be a DataLoader or an (x, y) pair when Strip sets its threshold (it is "
-                f"read twice), got a one-shot iterator {type(benign).__name__}"
-            )
         device = model_device(model)
-        self.pool, _ = collect_benign(benign, device, max_samples=self.pool_size)
+        x_fit, _ = collect_benign(benign, device)
+        pool_pos = random_subset(len(x_fit), self.pool_size, self.seed).to(device)
+        self.pool = x_fit[pool_pos]
         self.fitted = True
-        if calibrate:
+        if self._threshold_arg is None:
+            if len(x_fit) < 2:
+                raise ValueError(f"Strip needs at least 2 benign images to set its threshold (each calibration image "
+                                 f"is blended with the others only), got {len(x_fit)}")
+            # every fit image is scored, each blended only with *other* pool images: a test input is
+            # never in the pool, so blending an image with itself would bias the threshold
+            exclude = torch.full((len(x_fit),), -1, dtype=torch.long, device=device)
+            exclude[pool_pos] = torch.arange(len(pool_pos), device=device)
             with evaluating(model):
-                scores = [self._score(model, x) for x, _ in iter_benign(benign, device)]
+                scores = [self._score(model, x_fit[i:i + self.batch_size], exclude=exclude[i:i + self.batch_size])
+                          for i in range(0, len(x_fit), self.batch_size)]
             self.threshold = threshold_at_fpr(torch.cat(scores), self.target_fpr)
         return self
 
@@ -165,8 +166,10 @@ class Strip(Detector):
                 for i in ids.tolist()]
         return torch.stack(rows) if rows else torch.zeros(0, self.n, dtype=torch.long)
 
-    def _score(self, model: nn.Module, x: Tensor, indices: Optional[Tensor] = None) -> Tensor:
+    def _score(self, model: nn.Module, x: Tensor, indices: Optional[Tensor] = None,
+               exclude: Optional[Tensor] = None) -> Tensor:
         assert self.pool is not None
         return strip_entropy(
-            model, x, self.pool, self.n, self.generator, self.mode, batch_size=self.batch_size, indices=indices
+            model, x, self.pool, self.n, self.generator, self.mode, batch_size=self.batch_size, indices=indices,
+            exclude=exclude,
         )

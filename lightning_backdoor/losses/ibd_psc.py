@@ -1,17 +1,17 @@
-"""Adaptive attacks against IBD-PSC (METHODS.md section 3, "Adaptive attacks against it")."""
+"""Adaptive attacks against IBD-PSC (docs/methods.md, IBD-PSC, "adaptive attacks")."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check_positive_float, check_positive_int, check_probability
 from ..detectors.base import collect_benign
-from ..detectors.functional.ibd_psc import _bn_candidates, amplified_forward, bn_layers, select_k
-from ..utils import model_device, preserved_rng
+from ..detectors.functional.ibd_psc import BNLayerCache, amplified_forward, check_k, fit_k
+from ..utils import evaluating, model_device, preserved_rng
+from ..validation import check_positive_float, check_positive_int, check_probability
 from .base import LOSSES, LossTerm
 
 IBD_PSC_DESIGNS = (1, 2)
@@ -21,32 +21,40 @@ IBD_PSC_DESIGNS = (1, 2)
 class IBDPSCAdaptiveLoss(LossTerm):
     """The two adaptive-attack designs against IBD-PSC; the attacker knows ω and ``k``.
 
-    With ``F̂_k^ω`` the model with γ and β of its last ``k`` BatchNorm2d layers multiplied by ω:
+    Hou et al., "IBD-PSC", ICML 2024, section on adaptive attacks. With ``F̂_k^ω`` the model with γ
+    and β of its last ``k`` BatchNorm2d layers multiplied by ω, and ``N`` the batch size:
 
     - Design 1 (keep benign samples correct under amplification):
-      ``L = α·L_bd + (1−α)·mean_benign CE(F̂_k^ω(x_i), y_i)``, α ∈ {0.2, 0.5, 0.9, 0.99} in the paper.
+      ``L = α·L_bd + (1−α)·(1/N)·Σ_{benign i} CE(F̂_k^ω(x_i), y_i)``, α ∈ {0.2, 0.5, 0.9, 0.99} in the paper.
     - Design 2 (push poisoned samples off the target under amplification, soft labels):
-      ``L = α'·L_bd + (1−α')·mean_poisoned CE(F̂_k^ω(x_j), ŷ)`` with ``ŷ_t = 1−ζ`` and
+      ``L = α'·L_bd + (1−α')·(1/N)·Σ_{poisoned j} CE(F̂_k^ω(x_j), ŷ)`` with ``ŷ_t = 1−ζ`` and
       ``ŷ_c = ζ/(K−1)`` otherwise; α' ∈ {0.01, 0.1, 0.5} in the paper.
 
-    ``main_weight`` is α; the term returns the ``(1−α)·CE`` part, or None (``skipped += 1``) when
-    the batch holds no benign (design 1) or no poisoned (design 2) sample.
+    ``L_bd`` is the mean CE over the batch. The papers sum each term over samples; dividing every
+    sum by the same ``N`` (not by the number of benign or poisoned samples in the batch) keeps the
+    paper's objective up to one constant factor, so α and α' weigh the terms as in the paper.
+    ``main_weight`` is α; the term returns the ``(1−α)·(1/N)·Σ CE`` part, or None (``skipped += 1``)
+    when the batch holds no benign (design 1) or no poisoned (design 2) sample.
 
-    The amplified pass scales γ, β inside the autograd graph (``torch.func.functional_call``),
-    so gradients reach the original BN parameters and every other weight; the model is never
-    mutated or copied. It runs in the caller's mode: during training, BatchNorm normalises the
-    sub-batch with its own batch statistics, as the main forward does, but running statistics
-    are NOT updated by it (they are updated once, by the main forward). The detector, in
-    contrast, always scores in eval mode.
+    The amplified pass is **the function the detector scores**: the model in eval mode, every
+    BatchNorm normalising with its running statistics, whatever the caller's mode. (A train-mode pass
+    would let each BN re-normalise the sub-batch with its own statistics, which cancels ω on every
+    amplified BN followed by a conv and another BN, so the term would barely see the amplification.)
+    γ and β are scaled inside the autograd graph (``torch.func.functional_call``), so gradients reach
+    the original BN parameters and every other weight; the model's modes, parameters and buffers are
+    left as they were (running statistics are updated only by the main forward pass).
 
-    ``k="auto"`` selects ``k`` like the defender would (Algorithm 1 on ``max_fit_samples`` benign
-    samples with threshold ``xi``): call ``fit(model, benign)`` before training; the choice is
-    stored in ``k`` / ``etas`` and in the module's state dict (extra state).
+    ``k="auto"`` selects ``k`` like the defender (Algorithm 1 on ``max_fit_samples`` benign samples,
+    a seeded random sample of the given data, with threshold ``xi``): ``fit(model, benign)`` runs
+    before training (``BackdoorClassifier`` does it at the start of ``fit`` on the data module's
+    held-apart benign set). The choice is kept in ``k`` / ``etas`` and in the module's state dict
+    (extra state), so a resumed run keeps it (``fitted`` is restored with it) instead of selecting
+    again on the partly adapted model.
 
     Args:
         design: 1 or 2.
         alpha: weight α of the vanilla loss, in ``[0, 1]``.
-        omega: amplification factor ω (> 0).
+        omega: amplification factor ω (> 0; > 1 to amplify).
         k: number of last BN layers amplified, or ``"auto"``.
         zeta: soft-label mass ζ moved off the target (design 2), in ``[0, 1)``.
         num_classes: K for the soft labels; default: the model's output width.
@@ -94,22 +102,20 @@ class IBDPSCAdaptiveLoss(LossTerm):
         self.num_classes = num_classes
         self.main_weight = self.alpha
         self.requires_fit = k == "auto"
-        self._k_arg = k
-        self.k: Optional[int] = None if k == "auto" else int(k)
+        self.fitted = k != "auto"
+        self._k_arg: Optional[int] = None if k == "auto" else int(k)
+        self.k: Optional[int] = self._k_arg
         self.etas: List[float] = []
-        self._layers_key: Optional[Tuple[Any, ...]] = None
-        self._layers: List[str] = []
+        self._layers = BNLayerCache()
 
     def fit(self, model: nn.Module, benign: Any) -> "IBDPSCAdaptiveLoss":
         """``k="auto"``: run the layer selection on benign data. Fixed ``k``: check it against the model."""
         device = model_device(model)
         x, y = collect_benign(benign, device, self.max_fit_samples)
         with preserved_rng(device):
-            layers = self._bn_layers(model, x)
-            if self._k_arg == "auto":
-                self.k, self.etas = select_k(model, x, y, self.omega, self.xi, layers=layers)
-            else:
-                self._check_k(len(layers))
+            layers = self._layers.layers(model, x)
+            self.k, self.etas = fit_k(model, x, y, self._k_arg, omega=self.omega, xi=self.xi, layers=layers)
+        self.fitted = True
         return self
 
     def forward(
@@ -130,22 +136,26 @@ class IBDPSCAdaptiveLoss(LossTerm):
         if len(xs) == 0:
             self._skip()
             return None
-        layers = self._bn_layers(model, x)
-        self._check_k(len(layers))
-        out = amplified_forward(model, xs, layers[len(layers) - self.k :], self.omega)
+        layers = self._layers.layers(model, x)
+        check_k(self.k, len(layers))
+        with evaluating(model, grad=True):  # the detector's function: BN on running statistics
+            out = amplified_forward(model, xs, layers[len(layers) - self.k :], self.omega)
         if self.design == 1:
-            ce = F.cross_entropy(out, y[mask].to(out.device))
+            labels: Tensor = y[mask].to(out.device)
         else:
-            ce = F.cross_entropy(out, self._soft_labels(out, self._targets(target, y, mask)))
-        return (1.0 - self.alpha) * ce
+            labels = self._soft_labels(out, self._targets(target, y, mask))
+        ce_sum = F.cross_entropy(out, labels, reduction="sum")
+        return (1.0 - self.alpha) * ce_sum / len(x)
 
     def get_extra_state(self) -> Dict[str, Any]:
-        return {"k": self.k, "etas": list(self.etas)}
+        return {"k": self.k, "etas": list(self.etas), "fitted": bool(self.fitted)}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         k = state.get("k")
         self.k = None if k is None else int(k)
         self.etas = [float(e) for e in state.get("etas", [])]
+        # a restored k stands: a resumed run must not re-select it on the partly adapted model
+        self.fitted = bool(state.get("fitted", self.k is not None)) and self.k is not None
 
     def extra_repr(self) -> str:
         return (
@@ -154,19 +164,6 @@ class IBDPSCAdaptiveLoss(LossTerm):
         )
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _bn_layers(self, model: nn.Module, x: Tensor) -> List[str]:
-        """BN layer names in forward order, traced once per model (keyed by module identities, no model reference)."""
-        key = (id(model),) + tuple((name, id(m)) for name, m in _bn_candidates(model))
-        if key != self._layers_key:
-            self._layers = bn_layers(model, x)
-            self._layers_key = key
-        return self._layers
-
-    def _check_k(self, num_layers: int) -> None:
-        assert self.k is not None
-        if self.k > num_layers:
-            raise ValueError(f"k must be at most the model's number of BatchNorm2d layers ({num_layers}), got k={self.k}")
-
     @staticmethod
     def _targets(target: Union[int, Tensor, None], y: Tensor, mask: Tensor) -> Tensor:
         if target is None:

@@ -1,45 +1,52 @@
-"""Adaptive attack against SCALE-UP (METHODS.md section 2)."""
+"""Adaptive attack against SCALE-UP (docs/methods.md, SCALE-UP, "adaptive attack")."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..detectors.functional.ibd_psc import functional_forward
 from ..detectors.functional.scale_up import DEFAULT_SCALES, check_scales
+from ..utils import evaluating
+from ..validation import check_choice, check_non_negative_float
 from .base import LOSSES, LossTerm
 
 
-def check_weight(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return float(value)
+SCALE_DRAWS = ("random", "all")
 
 
 @LOSSES.register("scale_up_adaptive")
 class ScaleUpAdaptiveLoss(LossTerm):
     """Keep pixel-scaled poisoned samples on their true labels, so SCALE-UP sees no consistency.
 
-    ``term = weight · mean_j CE(f(clip(n_j · x'_j, 0, 1)), y_j)`` over the poisoned samples
-    ``x'_j`` of the batch, with one ``n_j`` drawn uniformly from ``scales`` per sample and ``y_j``
-    the sample's original (true) label. ``main_weight`` is 1: the trainer minimises
-    ``L_bd + term``. Reported effect: SCALE-UP's AUROC drops to about chance, and the backdoor
-    becomes fragile to small input noise.
+    Guo et al., "SCALE-UP", ICLR 2023, adaptive attack. With ``N`` the batch size, ``x'_j`` its
+    poisoned samples and ``y_j`` their original (true) labels:
 
-    The scales are drawn from the global RNG of ``x``'s device (``torch.randint``): this is
-    training, so it follows the run's seed like any other augmentation. The scaled batch runs in
-    the caller's mode (train mode uses the scaled batch's statistics in BatchNorm) but does not
-    update the running statistics: only the main forward pass does.
+    - ``scale_draw="random"`` (default, the paper's "n drawn from S"): one ``n_j`` drawn uniformly
+      from ``scales`` per poisoned sample,
+      ``term = weight · (1/N) · Σ_j CE(f(clip(n_j · x'_j, 0, 1)), y_j)``;
+    - ``scale_draw="all"``: the mean over every ``n`` in ``S`` (``|S|`` times the cost),
+      ``term = weight · (1/N) · Σ_j (1/|S|) Σ_{n∈S} CE(f(clip(n · x'_j, 0, 1)), y_j)``.
+
+    The sum is divided by the batch size ``N`` (not by the number of poisoned samples), so the
+    objective is the paper's sum divided by ``N``. ``main_weight`` is 1: the trainer minimises
+    ``L_bd + term`` with ``L_bd`` the mean CE over the batch. Reported effect: SCALE-UP's AUROC
+    drops to about chance, and the backdoor becomes fragile to small input noise.
+
+    The scaled batch runs through **the function SCALE-UP scores**: the model in eval mode, every
+    BatchNorm on its running statistics. (In train mode the first BN would normalise the scaled
+    batch with its own statistics and so undo most of the pixel scaling.) Gradients reach every
+    parameter; the model's modes and buffers are left as they were. With ``"random"`` the scales
+    are drawn from the global RNG of ``x``'s device (``torch.randint``): this is training, so it
+    follows the run's seed like any other augmentation.
 
     Args:
-        scales: the SCALE-UP scaling set ``S`` (positive numbers), default ``(3, 5, 7, 9, 11)``.
+        scales: the SCALE-UP scaling set ``S`` (numbers > 1: a factor <= 1 does not scale up),
+            default ``(3, 5, 7, 9, 11)``.
         weight: factor of the term (>= 0).
+        scale_draw: ``"random"`` or ``"all"``.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
@@ -51,10 +58,11 @@ class ScaleUpAdaptiveLoss(LossTerm):
 
     name = "scale_up_adaptive"
 
-    def __init__(self, scales: Sequence[float] = DEFAULT_SCALES, weight: float = 1.0) -> None:
+    def __init__(self, scales: Sequence[float] = DEFAULT_SCALES, weight: float = 1.0, scale_draw: str = "random") -> None:
         super().__init__()
         self.scales = check_scales(scales)
-        self.weight = check_weight(weight, "weight")
+        self.weight = check_non_negative_float(weight, "weight")
+        self.scale_draw = check_choice(scale_draw, "scale_draw", SCALE_DRAWS)
 
     def forward(
         self,
@@ -71,11 +79,20 @@ class ScaleUpAdaptiveLoss(LossTerm):
         if len(xp) == 0:
             self._skip()
             return None
+        labels = original_y[poisoned]
         scales = torch.tensor(self.scales, device=x.device, dtype=x.dtype)
-        n = scales[torch.randint(len(scales), (len(xp),), device=x.device)]
-        scaled = (xp * n.view(-1, 1, 1, 1)).clamp(0, 1)
-        out = functional_forward(model, scaled)
-        return self.weight * F.cross_entropy(out, original_y[poisoned].to(out.device))
+        if self.scale_draw == "random":
+            n = scales[torch.randint(len(scales), (len(xp),), device=x.device)]
+            scaled = (xp * n.view(-1, 1, 1, 1)).clamp(0, 1)
+            reps = 1
+        else:
+            scaled = (xp.unsqueeze(0) * scales.view(-1, 1, 1, 1, 1)).clamp(0, 1).flatten(0, 1)
+            labels = labels.repeat(len(scales))
+            reps = len(scales)
+        with evaluating(model, grad=True):  # the detector's function: BN on running statistics
+            out = model(scaled)
+        ce_sum = F.cross_entropy(out, labels.to(out.device), reduction="sum") / reps
+        return self.weight * ce_sum / len(x)
 
     def extra_repr(self) -> str:
-        return f"scales={self.scales}, weight={self.weight}"
+        return f"scales={self.scales}, weight={self.weight}, scale_draw={self.scale_draw!r}"

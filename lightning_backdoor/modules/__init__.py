@@ -1,5 +1,5 @@
 """LightningModules."""
 
-from .classifier import BackdoorClassifier, parse_batch
+from .classifier import BackdoorClassifier
 
-__all__ = ["BackdoorClassifier", "parse_batch"]
+__all__ = ["BackdoorClassifier"]

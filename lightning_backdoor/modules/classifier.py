@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,23 +12,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from ..batch import parse_batch
 from ..checkpoints import load_net_weights
 from ..metrics.backdoor import AttackSuccessRate, BenignAccuracy
 from ..utils import per_sample_normal
-
-
-def parse_batch(batch: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x, y, poisoned, original_y)`` from a :class:`~lightning_backdoor.data.Sample` batch or an ``(x, y)`` batch."""
-    if isinstance(batch, dict):
-        x, y = batch["x"], batch["y"]
-        poisoned = batch.get("poisoned", torch.zeros_like(y, dtype=torch.bool))
-        return x, y, poisoned.bool(), batch.get("original_y", y)
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise TypeError(f"expected a batch (x, y[, poisoned, original_y, index]), got {type(batch).__name__}")
-    x, y = batch[0], batch[1]
-    poisoned = batch[2].bool() if len(batch) > 2 else torch.zeros_like(y, dtype=torch.bool)
-    original_y = batch[3] if len(batch) > 3 else y
-    return x, y, poisoned, original_y
+from ..validation import check_positive_float
 
 
 def noise_key(sigma: float) -> str:
@@ -88,8 +75,7 @@ class BackdoorClassifier(LightningModule):
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
         for s in noise_sigmas:
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0 or not math.isfinite(s):
-                raise ValueError(f"noise_sigmas must be positive numbers, got {list(noise_sigmas)}")
+            check_positive_float(s, "noise_sigmas")
         self.net = net
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.loss_terms = nn.ModuleList(list(losses))
@@ -190,7 +176,10 @@ class BackdoorClassifier(LightningModule):
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y, poisoned, original_y = parse_batch(batch)
+        b = parse_batch(batch, require_labels=True)
+        x, y = b.x, b.y
+        poisoned = b.poisoned if b.poisoned is not None else torch.zeros_like(y, dtype=torch.bool)
+        original_y = b.original_y
         logits = self.net(x)
         loss_bd = F.cross_entropy(logits, y)
         main_weight = 1.0
@@ -221,7 +210,8 @@ class BackdoorClassifier(LightningModule):
         self._eval_step("test", batch, batch_idx, dataloader_idx)
 
     def _eval_step(self, stage: str, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        x, y, poisoned, original_y = parse_batch(batch)
+        b = parse_batch(batch, require_labels=True)
+        x, y, original_y = b.x, b.y, b.original_y
         logits = self.net(x)
         n = len(x)
         if dataloader_idx == 0:
@@ -238,9 +228,8 @@ class BackdoorClassifier(LightningModule):
         if self.noise_sigmas:
             # seeded per sample (by its dataset index when the batch carries one), so the numbers do not
             # depend on batch composition or the DDP rank a sample lands in
-            ids = batch[4] if isinstance(batch, (tuple, list)) and len(batch) > 4 else (
-                batch_idx * len(x) + torch.arange(len(x)))
-            noise = per_sample_normal(x, torch.as_tensor(ids).cpu(), self.noise_seed)
+            ids = b.index if b.index is not None else batch_idx * len(x) + torch.arange(len(x))
+            noise = per_sample_normal(x, ids.cpu(), self.noise_seed)
             for i, sigma in enumerate(self.noise_sigmas):
                 noisy = (x + sigma * noise).clamp_(0, 1)
                 m = self.metrics[f"{stage}_asr_noise{i}"]

@@ -64,15 +64,19 @@ def test_metrics_equal_sklearn_on_the_detectors_scores(tiny_net):
     fit_x = torch.stack([dm.defense_set[i].x for i in range(100)])
     fit_y = torch.tensor([dm.defense_set[i].y for i in range(100)])
     det_ref.fit(tiny_net, (fit_x, fit_y))
-    xb = torch.stack([dm.test_clean[i].x for i in range(80)])
-    xp = torch.stack([dm.test_poisoned[i].x for i in range(80)])
+    # the capped sets are seeded random samples of 80 (never the first 80)
+    from lightning_backdoor.utils import random_subset
+
+    pos_b, pos_p = random_subset(len(dm.test_clean), 80, seed=0), random_subset(len(dm.test_poisoned), 80, seed=0)
+    assert pos_b.tolist() != list(range(80))
+    xb = torch.stack([dm.test_clean[i].x for i in pos_b.tolist()])
+    xp = torch.stack([dm.test_poisoned[i].x for i in pos_p.tolist()])
     # the callback seeds each sample's overlays by its set and position (rank/batch independent)
     from lightning_backdoor.callbacks._evaluation import sample_ids
 
-    pos = torch.arange(80)
-    scores = torch.cat([det_ref.score(tiny_net, xb[i:i + 50], sample_ids=sample_ids(0, pos[i:i + 50]))
+    scores = torch.cat([det_ref.score(tiny_net, xb[i:i + 50], sample_ids=sample_ids(0, pos_b[i:i + 50]))
                         for i in range(0, 80, 50)]
-                       + [det_ref.score(tiny_net, xp[i:i + 50], sample_ids=sample_ids(1, pos[i:i + 50]))
+                       + [det_ref.score(tiny_net, xp[i:i + 50], sample_ids=sample_ids(1, pos_p[i:i + 50]))
                           for i in range(0, 80, 50)]).numpy()
     labels = [0] * 80 + [1] * 80
     assert got["test/strip/auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-5)
@@ -117,7 +121,7 @@ def test_works_in_a_foreign_lightning_module_with_user_loaders():
     xp = x.clone()
     xp[..., -2:, -2:] = 1.0
     clean = DataLoader(TensorDataset(x, y), batch_size=16)
-    poisoned = DataLoader(TensorDataset(xp, torch.zeros_like(y)), batch_size=16)
+    poisoned = DataLoader(TensorDataset(xp, y), batch_size=16)  # (x, y) poisoned batches carry the TRUE label
     cb = DetectionCallback([ScaleUp(), Strip(n=3)], benign_loader=clean, poisoned_loader=poisoned,
                            fit_loader=clean, target=0, progress=False)
     bm = BackdoorMetrics(clean_loader=clean, poisoned_loader=poisoned, target=0)

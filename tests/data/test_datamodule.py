@@ -92,7 +92,8 @@ def test_backdoor_info(dm):
     assert info["attack_params"]["patch_size"] == 3 and info["attack_params"]["location"] == "bottom_right"
     assert info["poison_rate"] == 0.1 and info["target"] == TARGET and info["poison_seed"] == 0
     train_labels = torch.tensor([dm.train_set.labels[i] for i in range(len(dm.train_set))])
-    assert info["num_poisoned"] == round(0.1 * int((train_labels != TARGET).sum()))
+    assert info["num_poisoned"] == round(0.1 * len(train_labels)) == 330  # share of the whole training set
+    assert info["num_train"] == 3300
     assert info["num_cover"] == 0
     assert info["poison_fingerprint"] == dm.train_set.fingerprint
 

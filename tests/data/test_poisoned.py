@@ -29,12 +29,12 @@ def test_select_same_seed_same_set_different_seed_different_set():
     assert fingerprint(a) == fingerprint(b) != fingerprint(c)
 
 
-@pytest.mark.parametrize("rate", [0.01, 0.1, 0.25, 1.0])
+@pytest.mark.parametrize("rate", [0.01, 0.1, 0.25, 0.9])
 def test_select_count_and_only_non_target(rate):
     labels = torch.arange(997) % NUM_CLASSES  # 99 or 100 per class
     idx = select_poison_indices(labels, TARGET, rate, seed=0)
-    n_candidates = int((labels != TARGET).sum())
-    assert len(idx) == round(rate * n_candidates)
+    # the field's convention: rate is the poisoned share of the WHOLE training set
+    assert len(idx) == round(rate * len(labels))
     assert len(set(idx.tolist())) == len(idx)  # no repeats
     assert bool((labels[idx] != TARGET).all())
     assert torch.equal(idx, torch.sort(idx).values)
@@ -53,9 +53,16 @@ def test_select_independent_of_and_not_consuming_global_rng():
 
 def test_select_clean_label_picks_only_target_class():
     labels = torch.arange(1000) % NUM_CLASSES
-    idx = select_poison_indices(labels, 3, 0.5, seed=0, dirty_label=False)
+    idx = select_poison_indices(labels, 3, 0.05, seed=0, dirty_label=False)
     assert bool((labels[idx] == 3).all())
-    assert len(idx) == round(0.5 * 100)
+    assert len(idx) == round(0.05 * 1000)
+
+
+@pytest.mark.parametrize("dirty", [True, False])
+def test_select_rate_larger_than_the_candidates_is_refused(dirty):
+    labels = torch.arange(100) % NUM_CLASSES
+    with pytest.raises(ValueError, match=r"rate=0\.\d+ asks for \d+ poisoned samples .* the largest rate is"):
+        select_poison_indices(labels, 3, 0.95 if dirty else 0.2, seed=0, dirty_label=dirty)
 
 
 # -- PoisonedDataset, train mode -------------------------------------------------------------------
@@ -68,7 +75,9 @@ def test_train_items_poisoned_and_clean(attack_fn):
     poisoned = set(ds.poison_indices.tolist())
     cover = set(ds.cover_indices.tolist())
     assert len(ds) == len(base)
-    assert len(poisoned) == round(0.1 * int((base.targets != TARGET).sum()))
+    assert len(poisoned) == round(0.1 * len(base))
+    # cover (noise-mode) samples: cross_ratio x the number poisoned
+    assert len(cover) == round(getattr(attack, "cover_ratio", 0.0) * len(poisoned))
     assert not poisoned & cover
     for i in range(len(ds)):
         x, y, is_poisoned, original_y, index = ds[i]
@@ -104,7 +113,7 @@ def test_clean_label_attack_keeps_labels():
         dirty_label = False
 
     base = make_dataset()
-    ds = PoisonedDataset(base, CleanLabelBadNets(), TARGET, NUM_CLASSES, rate=0.5, seed=0)
+    ds = PoisonedDataset(base, CleanLabelBadNets(), TARGET, NUM_CLASSES, rate=0.05, seed=0)
     assert bool((base.targets[ds.poison_indices] == TARGET).all())
     for i in ds.poison_indices.tolist():
         _, y, is_poisoned, original_y, _ = ds[i]

@@ -9,16 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lightning_backdoor.detectors.functional.ibd_psc as fib
+import lightning_backdoor.detectors.functional.shared_prefix as shared_prefix
 from lightning_backdoor.detectors import IBDPSC, create_detector
 from lightning_backdoor.detectors.functional import (
-    SharedPrefixRunner,
+    amplification_runner,
     amplified_forward,
     amplified_layer_counts,
     bn_layers,
     ibd_psc_score,
+    run_amplified,
     select_k,
 )
+from lightning_backdoor.utils import random_subset
 
 
 @pytest.fixture(autouse=True)
@@ -275,7 +277,7 @@ def test_shared_prefix_equals_straightforward_torchvision_resnet18():
 def test_runner_splits_at_first_amplified_layer():
     net, x = tiny(), images(3)
     layers = TinyResNet.FORWARD_ORDER
-    runner = SharedPrefixRunner(net, layers, "block2.bn1")
+    runner = amplification_runner(net, layers, "block2.bn1")
     prefix_modules = {n.target for n in runner.prefix.graph.nodes if n.op == "call_module"}
     suffix_modules = {n.target for n in runner.suffix.graph.nodes if n.op == "call_module"}
     assert {"conv", "bn", "block1.bn2", "block2.conv1"} <= prefix_modules
@@ -284,15 +286,15 @@ def test_runner_splits_at_first_amplified_layer():
     # the runner shares the model's modules and parameters (no copies)
     assert runner.suffix.get_submodule("block2.bn2") is net.block2.bn2
     with torch.no_grad():
-        out = runner.run(x, [[], layers[3:]], 2.0)
+        out = run_amplified(runner, x, [[], layers[3:]], 2.0)
         torch.testing.assert_close(out[0], net(x))
         torch.testing.assert_close(out[1], amplified_forward(net, x, layers[3:], 2.0))
     with pytest.raises(ValueError, match="split point"):
-        runner.run(x, [layers[2:]], 2.0)
+        run_amplified(runner, x, [layers[2:]], 2.0)
 
 
 def test_untraceable_model_falls_back_once(monkeypatch):
-    monkeypatch.setattr(fib, "_FALLBACK_WARNED", set())
+    monkeypatch.setattr(shared_prefix, "_FALLBACK_WARNED", set())
     net, x = tiny(cls=Untraceable), images(4)
     with pytest.warns(UserWarning, match="falling back"):
         got = ibd_psc_score(net, x, 2, n=3)
@@ -350,7 +352,8 @@ def test_detector_fit_selects_k_and_round_trips():
     with pytest.raises(RuntimeError, match="fit"):
         det.score(net, x)
     det.fit(net, (x, y))
-    k, etas = select_k(net, x[:25], y[:25], 1.5, 0.2)
+    keep = random_subset(30, 25, seed=0)  # a seeded random sample of 25, not the first 25
+    k, etas = select_k(net, x[keep], y[keep], 1.5, 0.2)
     assert k > 1
     assert det.k == k and det.etas == pytest.approx(etas) and det.num_bn_layers == 6
     assert det.hparams()["k"] == k and det.state_dict()["k"] == k

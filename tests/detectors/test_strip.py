@@ -6,6 +6,7 @@ from torch import nn
 from torch.distributions import Categorical
 
 from lightning_backdoor.detectors import Strip, create_detector, threshold_at_fpr
+from lightning_backdoor.utils import random_subset
 from lightning_backdoor.detectors.functional import (
     entropy_over_classes,
     strip_entropy,
@@ -104,13 +105,46 @@ def test_fit_pool_and_threshold_from_benign():
     xb, yb = images(30, seed=4), torch.arange(30) % 4
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xb, yb), batch_size=8)
     det = Strip(n=6, pool_size=12, seed=5, target_fpr=0.1).fit(net, loader)
-    assert det.pool.shape == (12, 3, 6, 6) and torch.equal(det.pool, xb[:12])
-    # threshold = the 90% quantile of the benign scores over ALL batches, same random draws
+    # the pool is a seeded random sample of the fit images, not the first ones
+    pool_pos = random_subset(30, 12, seed=5)
+    assert pool_pos.tolist() != list(range(12))
+    assert det.pool.shape == (12, 3, 6, 6) and torch.equal(det.pool, xb[pool_pos])
+    # threshold = the 90% quantile of the benign scores over ALL fit images, each pool image never
+    # blended with itself, same random draws
+    exclude = torch.full((30,), -1, dtype=torch.long)
+    exclude[pool_pos] = torch.arange(12)
     g = torch.Generator().manual_seed(5)
-    ref = torch.cat([strip_entropy(net, xb[i : i + 8], xb[:12], 6, g) for i in range(0, 30, 8)])
+    ref = strip_entropy(net, xb, xb[pool_pos], 6, g, exclude=exclude)
     assert det.threshold == pytest.approx(threshold_at_fpr(ref, 0.1))
     assert (ref > det.threshold).float().mean() <= 0.1
     assert (ref > det.threshold).sum() == 3  # exactly floor(0.1 * 30) benign scores above
+
+
+@pytest.mark.parametrize("pool_size,n", [(10, 4), (10, 9), (5, 8), (2, 3)])
+def test_overlay_indices_never_pick_the_excluded_image(pool_size, n):
+    g = torch.Generator().manual_seed(0)
+    exclude = torch.tensor([i % pool_size for i in range(40)] + [-1] * 10)
+    idx = strip_overlay_indices(50, pool_size, n, g, exclude=exclude)
+    assert idx.shape == (50, n) and int(idx.min()) >= 0 and int(idx.max()) < pool_size
+    for row, ex in zip(idx.tolist(), exclude.tolist()):
+        if ex >= 0:
+            assert ex not in row
+        if pool_size - (ex >= 0) >= n:
+            assert len(set(row)) == n  # distinct when there are enough others
+
+
+def test_calibration_images_are_not_blended_with_themselves():
+    """A pool of near-duplicates of each calibration image would give it a low entropy with itself."""
+    net = tiny_net()
+    x, y = images(8, seed=1), torch.arange(8) % 4
+    det = Strip(n=7, pool_size=8, seed=0).fit(net, (x, y))
+    assert torch.equal(det.pool, x)  # pool_size >= the fit set: all of it, in order
+    g = torch.Generator().manual_seed(0)
+    ref = strip_entropy(net, x, x, 7, g, exclude=torch.arange(8))  # image i blended with the 7 others
+    assert det.threshold == pytest.approx(threshold_at_fpr(ref, 0.05))
+    g = torch.Generator().manual_seed(0)
+    with_self = strip_entropy(net, x, x, 7, g)
+    assert det.threshold != pytest.approx(threshold_at_fpr(with_self, 0.05))
 
 
 def test_threshold_argument_honoured():
@@ -207,5 +241,4 @@ def test_input_errors():
     with pytest.raises(ValueError, match="clean_pool"):
         det.score(net, torch.rand(2, 3, 7, 7, dtype=torch.float64))
     one_shot = iter([(images(4), torch.zeros(4, dtype=torch.long))])
-    with pytest.raises(TypeError, match="one-shot iterator"):
-        Strip().fit(net, one_shot)
+    assert Strip(n=2).fit(net, one_shot).pool.shape == (4, 3, 6, 6)  # benign data is read once

@@ -52,25 +52,44 @@ def batch(n: int = 8, seed: int = 1, target: int = 2):
 
 
 def amplified_copy(net, k, omega):
+    """The function the detector scores: a copy with the last k BNs' gamma/beta times omega, in EVAL mode."""
     ref = copy.deepcopy(net)
     with torch.no_grad():
         for name in ResNetish.ORDER[-k:]:
             ref.get_submodule(name).weight.mul_(omega)
             ref.get_submodule(name).bias.mul_(omega)
-    return ref
+    return ref.eval()
 
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("k", [1, 3])
-def test_design1_matches_manual(train, k):
+def test_design1_matches_a_direct_eval_mode_computation(train, k):
     net = net_(train)
     x, y, poisoned, original_y = batch()
     term = IBDPSCAdaptiveLoss(design=1, alpha=0.2, omega=1.7, k=k)
     got = term(net, x, y, poisoned, original_y, 2)
     ref = amplified_copy(net, k, 1.7)
-    expected = 0.8 * F.cross_entropy(ref(x[~poisoned]), y[~poisoned])
+    # (1 - alpha) * (1/N) * sum over the benign samples, N = the whole batch (8), not the 5 benign ones
+    expected = 0.8 * F.cross_entropy(ref(x[~poisoned]), y[~poisoned], reduction="sum") / len(x)
     torch.testing.assert_close(got, expected)
     assert term.main_weight == 0.2
+    assert all(m.training == train for m in net.modules())  # the caller's mode is restored
+
+
+def test_design1_differs_between_k_and_k_plus_1_in_train_mode():
+    """In train mode every BN re-normalises: amplifying an inner BN would cancel out (bug of issue 8)."""
+    net = net_(train=True)
+    x, y, poisoned, original_y = batch()
+    losses = [float(IBDPSCAdaptiveLoss(design=1, alpha=0.5, omega=1.5, k=k)(net, x, y, poisoned, original_y, 2))
+              for k in (1, 2, 3, 4)]
+    assert all(abs(a - b) > 1e-5 for a, b in zip(losses, losses[1:])), losses
+    # what a train-mode pass would have computed: k=2 (bn2 and the shortcut BN) vs k=3 (+ bn1, which
+    # feeds conv2 -> bn2, so a train-mode bn2 normalises its amplification away)
+    train_mode = []
+    for k in (2, 3):
+        ref = amplified_copy(net, k, 1.5).train()
+        train_mode.append(float(0.5 * F.cross_entropy(ref(x[~poisoned]), y[~poisoned], reduction="sum") / len(x)))
+    assert abs(train_mode[0] - train_mode[1]) < 1e-6 < 1e-5 < abs(losses[1] - losses[2])
 
 
 @pytest.mark.parametrize("target", [2, torch.tensor(2), None, "per_sample"])
@@ -84,7 +103,7 @@ def test_design2_matches_manual(target):
     ref = amplified_copy(net, 2, 1.5)
     log_p = ref(x[poisoned]).log_softmax(1)
     soft = torch.tensor([0.15, 0.15, 0.7], dtype=torch.float64)  # ζ/(K−1), ζ/(K−1), 1−ζ for t=2
-    expected = 0.9 * -(soft * log_p).sum(1).mean()
+    expected = 0.9 * -(soft * log_p).sum(1).sum() / len(x)  # sum over the 3 poisoned, divided by N = 8
     torch.testing.assert_close(got, expected)
     assert term.main_weight == 0.1
 
@@ -129,11 +148,13 @@ def test_auto_k_fit_and_state():
         term(net, x, y, poisoned, original_y, 2)
     term.fit(net, (bx, by))
     k, etas = select_k(net, bx, by, 3.0, 0.0)
-    assert term.k == k and term.etas == pytest.approx(etas)
+    assert term.k == k and term.etas == pytest.approx(etas) and term.fitted
     assert all(m.training for m in net.modules())
     fresh = IBDPSCAdaptiveLoss(design=1, k="auto")
+    assert not fresh.fitted
     fresh.load_state_dict(term.state_dict())
-    assert fresh.k == k
+    # a restored k stands: a resumed run must not select k again on the partly adapted model
+    assert fresh.k == k and fresh.fitted and fresh.etas == pytest.approx(etas)
     assert torch.isfinite(term(net, x, y, poisoned, original_y, 2))
 
 

@@ -15,9 +15,10 @@ flow to the original ``γ``/``β`` (which the adaptive attacks in :mod:`lightnin
 need).
 
 All ``n`` amplified models agree on every layer before the first amplified BN. A
-:class:`SharedPrefixRunner` splits an fx trace of the model at that point, computes the prefix
-once per batch and runs only the suffix ``n + 1`` times (``n`` amplified models and the original
-one for ``y'``). Models that ``torch.fx`` cannot trace fall back to ``n + 1`` full forward passes.
+:class:`~.shared_prefix.SharedPrefixRunner` (:func:`amplification_runner`) splits an fx trace of the
+model at that point, computes the prefix once per batch and runs only the suffix ``n + 1`` times
+(``n`` amplified models and the original one for ``y'``). Models that ``torch.fx`` cannot trace fall
+back to ``n + 1`` full forward passes.
 
 Example:
     >>> import torch
@@ -33,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,24 +43,27 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 
-from ..._validation import check_choice, check_positive_float, check_positive_int, check_probability
+from ...validation import check_choice, check_positive_float, check_positive_int, check_probability
 from ...utils import evaluating, model_device, preserved_rng
+from .shared_prefix import SharedPrefixRunner
 
 __all__ = [
-    "SharedPrefixRunner",
+    "BNLayerCache",
+    "amplification_runner",
     "amplified_forward",
     "amplified_layer_counts",
     "amplified_parameters",
     "bn_layers",
+    "check_k",
+    "fit_k",
     "ibd_psc_score",
+    "run_amplified",
     "select_k",
 ]
 
 LAYER_RANGES = ("paper", "published")
 # Layers IBD-PSC amplifies. SyncBatchNorm is what BatchNorm2d becomes under Lightning's sync_batchnorm.
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
-# Classes for which the "cannot trace, falling back" warning was already shown.
-_FALLBACK_WARNED: set = set()
 
 LayerRef = Union[str, nn.Module]
 
@@ -237,145 +242,84 @@ def amplified_forward(
 
 
 # ------------------------------------------------------------------------------------------------
-# Shared-prefix engine
+# Shared prefix: the layers before the first amplified BN run once per batch
 # ------------------------------------------------------------------------------------------------
-class SharedPrefixRunner:
-    """Splits a model at its first amplifiable BN layer so the prefix is computed once per batch.
+def amplification_runner(
+    model: nn.Module,
+    layers: Sequence[str],
+    first: str,
+    example: Optional[Tensor] = None,
+    omega: float = 1.5,
+) -> Optional[SharedPrefixRunner]:
+    """A :class:`~.shared_prefix.SharedPrefixRunner` split at BN layer ``first`` (and every later one in
+    ``layers``), checked against plain and fully amplified forwards on ``example``; None (with a
+    one-time warning) when the model cannot be traced."""
+    layers = list(layers)
+    if first not in layers:
+        raise ValueError(f"first={first!r} is not one of the BN layers {layers}")
+    amp = layers[layers.index(first):]
+    checks = []
+    if example is not None:
+        checks = [(amplified_parameters(model, amp, omega), lambda ex: amplified_forward(model, ex, amp, omega))]
+    return SharedPrefixRunner.try_build(model, amp, example=example, checks=checks,
+                                        what="the amplified model (IBD-PSC)")
 
-    The model is traced with ``torch.fx.symbolic_trace`` (in eval mode). Nodes downstream of any BN
-    layer in ``layers[layers.index(first):]`` form the *suffix*; everything else is the *prefix*,
-    shared by all amplified models. Two GraphModules are generated: ``prefix(x)`` returns the
-    values the suffix needs, and ``suffix(*values)`` finishes the forward pass. Both hold the
-    model's own submodules (no parameter copies), so later in-place weight changes are seen; a
-    structural change (a submodule or tensor swapped, ``.to()`` replacing buffers) requires a
-    new runner (see :meth:`signature`).
 
-    Args:
-        model: the network, traced once here.
-        layers: all BN layer names in forward order (:func:`bn_layers`).
-        first: the first (earliest) layer any run may amplify.
+def run_amplified(runner: SharedPrefixRunner, x: Tensor, layer_sets: Sequence[Sequence[str]], omega: float) -> List[Tensor]:
+    """Outputs of the model with each set of BN layers amplified by ``omega`` (an empty set: the original
+    model), the shared prefix computed once."""
+    for layer_set in layer_sets:
+        extra = [name for name in layer_set if name not in runner.modules]
+        if extra:
+            raise ValueError(f"layers {extra} lie before the runner's split point ({sorted(runner.modules)})")
+    return runner.run(x, [amplified_parameters(runner.suffix, list(ls), omega) for ls in layer_sets])
 
-    Raises:
-        Exception: whatever ``torch.fx`` raises for untraceable models, or ``RuntimeError`` if
-            an amplifiable BN layer is not called as a module in the traced graph. Use
-            :meth:`try_build` for a checked build with fallback.
+
+class BNLayerCache:
+    """Per-model cache of the BN layer order and of shared-prefix runners, holding no model alive.
+
+    One entry (weakly keyed by the model), invalidated when the model's modules or tensors are
+    swapped (:meth:`SharedPrefixRunner.signature`). Shared by the :class:`~lightning_backdoor.detectors.IBDPSC`
+    detector and the :class:`~lightning_backdoor.losses.IBDPSCAdaptiveLoss`, so both see the same layers.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], first: str) -> None:
-        layers = list(layers)
-        if first not in layers:
-            raise ValueError(f"first={first!r} is not one of the BN layers {layers}")
-        self.layers = layers
-        self.first = first
-        self.amplifiable = frozenset(layers[layers.index(first):])
-        with evaluating(model):
-            traced = torch.fx.symbolic_trace(model)
-        self.prefix, self.suffix = self._split(traced, self.amplifiable)
-
-    @staticmethod
-    def _split(traced: torch.fx.GraphModule, amplifiable: frozenset) -> Tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-        graph = traced.graph
-        nodes = list(graph.nodes)
-        called = {n.target for n in nodes if n.op == "call_module"}
-        missing = sorted(amplifiable - called)
-        if missing:
-            raise RuntimeError(f"BN layers {missing} are not called as modules in the traced graph")
-        in_suffix: set = set()
-        for node in nodes:
-            if node.op == "output":
-                continue
-            if (node.op == "call_module" and node.target in amplifiable) or any(a in in_suffix for a in node.all_input_nodes):
-                in_suffix.add(node)
-        output = next(n for n in nodes if n.op == "output")
-        boundary: List[torch.fx.Node] = []
-        for node in nodes:
-            if node in in_suffix or node is output:
-                for a in node.all_input_nodes:
-                    if a not in in_suffix and a.op != "get_attr" and a not in boundary:
-                        boundary.append(a)
-
-        prefix = torch.fx.Graph()
-        penv: Dict[torch.fx.Node, torch.fx.Node] = {}
-        for node in nodes:
-            if node in in_suffix or node is output:
-                continue
-            penv[node] = prefix.node_copy(node, lambda a: penv[a])
-        prefix.output(tuple(penv[b] for b in boundary))
-
-        suffix = torch.fx.Graph()
-        senv: Dict[torch.fx.Node, torch.fx.Node] = {b: suffix.placeholder(b.name) for b in boundary}
-
-        def arg(a: torch.fx.Node) -> torch.fx.Node:
-            if a not in senv:  # a parameter/buffer read by the suffix: read it there too
-                senv[a] = suffix.node_copy(a)
-            return senv[a]
-
-        for node in nodes:
-            if node in in_suffix or node is output:
-                senv[node] = suffix.node_copy(node, arg)
-        prefix_module = torch.fx.GraphModule(traced, prefix)
-        if prefix_module.graph.eliminate_dead_code():
-            prefix_module.recompile()
-        return prefix_module, torch.fx.GraphModule(traced, suffix)
-
-    @classmethod
-    def try_build(
-        cls,
-        model: nn.Module,
-        layers: Sequence[str],
-        first: str,
-        example: Optional[Tensor] = None,
-        omega: float = 1.5,
-    ) -> Optional["SharedPrefixRunner"]:
-        """Build and check a runner; on failure warn once per model class and return None.
-
-        The check compares the runner with plain and fully amplified forward passes on (up to two
-        samples of) ``example``, so a trace that silently specialised control flow is rejected.
-        """
-        try:
-            runner = cls(model, layers, first)
-            if example is not None:
-                with evaluating(model):
-                    ex = example[:2]
-                    amp = sorted(runner.amplifiable, key=runner.layers.index)
-                    for s, ref in (([], model(ex)), (amp, amplified_forward(model, ex, amp, omega))):
-                        got = runner.run(ex, [s], omega)[0]
-                        if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4, atol=1e-5):
-                            raise RuntimeError("the traced graph does not reproduce the model's output")
-            return runner
-        except Exception as err:
-            key = type(model).__qualname__
-            if key not in _FALLBACK_WARNED:
-                _FALLBACK_WARNED.add(key)
-                warnings.warn(
-                    f"IBD-PSC could not split {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
-                    "falling back to one full forward pass per amplified model (same scores, slower)",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            return None
-
-    def run(self, x: Tensor, layer_sets: Sequence[Sequence[str]], omega: float) -> List[Tensor]:
-        """Outputs of the model with each set of layers amplified (an empty set: the original model)."""
-        for s in layer_sets:
-            extra = [name for name in s if name not in self.amplifiable]
-            if extra:
-                raise ValueError(f"layers {extra} lie before the runner's split point {self.first!r}")
-        values = self.prefix(x)
-        outs = []
-        for s in layer_sets:
-            params = amplified_parameters(self.suffix, list(s), omega)
-            outs.append(functional_call(self.suffix, params, tuple(values)) if params else self.suffix(*values))
-        return outs
-
-    @staticmethod
-    def signature(model: nn.Module) -> Tuple[Any, ...]:
-        """Identity of the model's modules and tensors; a runner is valid while this is unchanged."""
-        return (
-            tuple((n, id(m)) for n, m in model.named_modules()),
-            tuple((n, id(t)) for n, t in model.named_parameters()),
-            tuple((n, id(t)) for n, t in model.named_buffers()),
+    def __init__(self) -> None:
+        self._cache: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, List[str], Dict[str, Any]]]" = (
+            weakref.WeakKeyDictionary()
         )
+
+    def _entry(self, model: nn.Module, x: Optional[Tensor]) -> Tuple[Any, List[str], Dict[str, Any]]:
+        sig = SharedPrefixRunner.signature(model)
+        entry = self._cache.get(model)
+        if entry is None or entry[0] != sig:
+            self._cache.clear()
+            entry = (sig, bn_layers(model, x), {})
+            self._cache[model] = entry
+        return entry
+
+    def layers(self, model: nn.Module, x: Optional[Tensor] = None) -> List[str]:
+        """:func:`bn_layers` of ``model`` (traced on ``x`` the first time)."""
+        return self._entry(model, x)[1]
+
+    def runner(self, model: nn.Module, first: str, x: Tensor, omega: float) -> Optional[SharedPrefixRunner]:
+        """The (cached) :func:`amplification_runner` split at ``first``, or None for untraceable models."""
+        layers, runners = self._entry(model, x)[1:]
+        if first not in runners:
+            runners[first] = amplification_runner(model, layers, first, example=x, omega=omega)
+        return runners[first]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    # pickling and deep copies: the cache is not state
+    def __getstate__(self) -> Dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__()
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "BNLayerCache":
+        return BNLayerCache()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,11 +331,9 @@ def amplified_layer_counts(k: int, n: int, num_layers: int, layer_range: str = "
     Counts above ``num_layers`` are clipped to it (duplicates dropped, so fewer models are averaged),
     with a warning.
     """
-    check_positive_int(k, "k")
+    check_k(k, num_layers)
     check_positive_int(n, "n")
     check_choice(layer_range, "layer_range", LAYER_RANGES)
-    if k > num_layers:
-        raise ValueError(f"k must be at most the number of BatchNorm2d layers ({num_layers}), got {k}")
     start = k if layer_range == "paper" else k + 1
     counts = list(range(start, start + n))
     if counts[-1] > num_layers:
@@ -468,6 +410,33 @@ def select_k(
     )
 
 
+def check_k(k: int, num_layers: int) -> int:
+    """``k`` must be an int in ``[1, num_layers]`` (the model's number of BatchNorm2d layers)."""
+    check_positive_int(k, "k")
+    if k > num_layers:
+        raise ValueError(f"k must be at most the model's number of BatchNorm2d layers ({num_layers}), got k={k}")
+    return k
+
+
+def fit_k(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    k: Optional[int],
+    *,
+    omega: float = 1.5,
+    xi: float = 0.6,
+    layers: Optional[Sequence[str]] = None,
+) -> Tuple[int, List[float]]:
+    """IBD-PSC's fitting step, shared by the detector and the adaptive attack: with ``k=None`` the
+    adaptive selection (:func:`select_k`) on benign ``(x, y)``; with a fixed ``k`` only the check that
+    the model has that many BN layers. Returns ``(k, etas)`` (``etas`` empty for a fixed ``k``)."""
+    layers = list(layers) if layers is not None else bn_layers(model, x)
+    if k is None:
+        return select_k(model, x, y, omega, xi, layers=layers)
+    return check_k(k, len(layers)), []
+
+
 def ibd_psc_score(
     model: nn.Module,
     x: Tensor,
@@ -494,7 +463,8 @@ def ibd_psc_score(
         layer_range: ``"paper"`` (``k…k+n-1``) or ``"published"`` (the published code's ``k+1…k+n``).
         layers: BN layer names in forward order (default: :func:`bn_layers` on ``x``).
         shared_prefix: compute the layers before the first amplified BN once (fx-traced runner).
-        runner: a prebuilt :class:`SharedPrefixRunner` for this model (implies ``shared_prefix``).
+        runner: a prebuilt runner for this model (:func:`amplification_runner`, split at or before the
+            first amplified layer; implies ``shared_prefix``).
 
     Returns:
         float64 Tensor ``[N]`` on the model's device (float32 would tie values near 1).
@@ -509,9 +479,9 @@ def ibd_psc_score(
     sets = [[]] + [layers[len(layers) - i :] for i in counts]
     with evaluating(model):
         if runner is None and shared_prefix:
-            runner = SharedPrefixRunner.try_build(model, layers, sets[-1][0], example=x, omega=omega)
+            runner = amplification_runner(model, layers, sets[-1][0], example=x, omega=omega)
         if runner is not None:
-            outs = runner.run(x, sets, omega)
+            outs = run_amplified(runner, x, sets, omega)
         else:
             outs = [amplified_forward(model, x, s, omega) for s in sets]
         pred = outs[0].argmax(-1, keepdim=True)

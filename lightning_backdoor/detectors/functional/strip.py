@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ...utils import evaluating
+from ...validation import check_positive_int
 
 STRIP_MODES = ("add", "average")
 
@@ -37,20 +38,46 @@ def superimpose(x: Tensor, overlay: Tensor, mode: str = "add") -> Tensor:
 
 
 def strip_overlay_indices(
-    num_inputs: int, pool_size: int, n: int, generator: Optional[torch.Generator] = None
+    num_inputs: int,
+    pool_size: int,
+    n: int,
+    generator: Optional[torch.Generator] = None,
+    exclude: Optional[Tensor] = None,
 ) -> Tensor:
     """Indices ``[num_inputs, n]`` into the clean pool: for each input, ``n`` distinct pool images
-    when ``pool_size >= n`` (a random permutation prefix), otherwise ``n`` draws with replacement.
+    when there are at least ``n`` to choose from (a random permutation prefix), otherwise ``n`` draws
+    with replacement.
 
-    Drawn on the generator's device (CPU for a default ``torch.Generator()``).
+    Args:
+        num_inputs, pool_size, n: sizes.
+        generator: the random source; indices are drawn on its device (CPU for a default one).
+        exclude: optional ``[num_inputs]`` pool index per input that it must never be blended with
+            (``-1``: none). Used when the inputs are themselves pool images (STRIP's threshold
+            calibration), so that no image is superimposed with itself.
     """
     if pool_size < 1:
         raise ValueError(f"the clean pool must hold at least one image, got pool_size={pool_size}")
     device = generator.device if generator is not None else torch.device("cpu")
-    if pool_size >= n:
+    if exclude is None:
+        if pool_size >= n:
+            keys = torch.rand(num_inputs, pool_size, generator=generator, device=device)
+            return keys.argsort(dim=1)[:, :n]
+        return torch.randint(pool_size, (num_inputs, n), generator=generator, device=device)
+    exclude = exclude.to(device=device, dtype=torch.long).view(-1)
+    if exclude.shape != (num_inputs,):
+        raise ValueError(f"exclude must have shape ({num_inputs},), got {tuple(exclude.shape)}")
+    has = exclude >= 0
+    if bool(has.any()) and pool_size < 2:
+        raise ValueError("cannot exclude an input from a clean pool of one image; the pool needs at least 2 images")
+    if pool_size - 1 >= n:
         keys = torch.rand(num_inputs, pool_size, generator=generator, device=device)
+        rows = torch.nonzero(has).flatten()
+        keys[rows, exclude[rows]] = 2.0  # sorts after every U[0, 1) key: never among the first n
         return keys.argsort(dim=1)[:, :n]
-    return torch.randint(pool_size, (num_inputs, n), generator=generator, device=device)
+    # fewer than n others: draw with replacement among the pool images other than the excluded one
+    draw = torch.randint(max(pool_size - 1, 1), (num_inputs, n), generator=generator, device=device)
+    shift = has.view(-1, 1) & (draw >= exclude.view(-1, 1))
+    return draw + shift.long()
 
 
 def entropy_over_classes(logits: Tensor) -> Tensor:
@@ -70,6 +97,7 @@ def strip_entropy(
     *,
     batch_size: int = 512,
     indices: Optional[Tensor] = None,
+    exclude: Optional[Tensor] = None,
 ) -> Tensor:
     """STRIP score: minus the mean class-entropy of ``n`` superimposed copies of each input.
 
@@ -83,6 +111,8 @@ def strip_entropy(
         mode: ``"add"`` (pixel-wise add, then clip to [0, 1]; original STRIP) or ``"average"``.
         batch_size: maximum number of superimposed images per forward pass.
         indices: optional precomputed ``[N, n]`` pool indices (overrides ``generator``).
+        exclude: optional ``[N]`` pool index each input must not be blended with (``-1``: none);
+            see :func:`strip_overlay_indices`.
 
     Returns:
         float ``Tensor[N]``: ``-mean_j H(softmax(f(blend(x_i, pool_j))))``; higher = more likely poisoned.
@@ -95,10 +125,8 @@ def strip_entropy(
     """
     if mode not in STRIP_MODES:
         raise ValueError(f"mode must be one of {list(STRIP_MODES)}, got {mode!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_positive_int(n, "n")
+    check_positive_int(batch_size, "batch_size")
     if clean_pool.dim() != 4 or clean_pool.shape[1:] != x.shape[1:]:
         raise ValueError(
             f"clean_pool must have shape [P, {', '.join(map(str, x.shape[1:]))}] like x, got {tuple(clean_pool.shape)}"
@@ -107,7 +135,7 @@ def strip_entropy(
     if num == 0:
         return torch.zeros(0, device=x.device)
     if indices is None:
-        indices = strip_overlay_indices(num, len(clean_pool), n, generator)
+        indices = strip_overlay_indices(num, len(clean_pool), n, generator, exclude=exclude)
     if indices.shape != (num, n):
         raise ValueError(f"indices must have shape ({num}, {n}), got {tuple(indices.shape)}")
     pool = clean_pool.to(x.device)
