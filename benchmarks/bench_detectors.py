@@ -1,4 +1,4 @@
-"""Detection cost per image relative to one plain forward pass (METHODS.md section 7).
+"""Detection cost per image relative to one plain forward pass (docs/methods.md §7).
 
     python benchmarks/bench_detectors.py [--batch-size 64] [--strip-batch-size 4] [--repeats 3]
 

@@ -2,7 +2,7 @@
 
 For each model and k, scores the same random CIFAR-shaped batch both ways, checks the scores
 agree, and prints the time per image of each, their ratio (goal: shared <= 0.7x straightforward)
-and IBD-PSC's cost relative to one plain forward pass (METHODS.md section 7, "detection cost").
+and IBD-PSC's cost relative to one plain forward pass (docs/methods.md §7, "detection cost").
 
     python benchmarks/bench_ibd_psc.py                      # ResNet-18 (width 64) and ResNet-20, k=1
     python benchmarks/bench_ibd_psc.py --batch-size 64 --repeats 5 --k 1 4 8

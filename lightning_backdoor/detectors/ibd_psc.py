@@ -3,7 +3,7 @@
 Hou et al., "IBD-PSC: Input-level Backdoor Detection via Parameter-oriented Scaling Consistency",
 ICML 2024. Amplifying the γ and β of a model's last BatchNorm2d layers by ω makes benign
 predictions lose confidence while poisoned inputs keep predicting the target with high
-confidence (METHODS.md section 3).
+confidence (docs/methods.md §3).
 
     det = IBDPSC().fit(model, benign_loader)   # adaptive choice of k on ≈100 benign samples
     scores = det.score(model, x)               # mean amplified confidence in the original label
@@ -24,7 +24,7 @@ from .functional.ibd_psc import LAYER_RANGES, BNLayerCache, amplified_layer_coun
 
 @DETECTORS.register("ibd_psc")
 class IBDPSC(Detector):
-    """IBD-PSC input-level backdoor detector (white-box, data-limited; METHODS.md section 3).
+    """IBD-PSC input-level backdoor detector (white-box, data-limited; docs/methods.md §3).
 
     ``score(x) = (1/n) Σ_{i=k}^{k+n-1} softmax(F̂_i^ω(x))[y']`` where ``F̂_i^ω`` multiplies γ and β of
     the last ``i`` BatchNorm2d layers (in forward-execution order) by ω and ``y'`` is the original

@@ -30,7 +30,7 @@ SCALE_UP_MODES = ("data_free", "data_limited", "data_limited_global")
 
 @DETECTORS.register("scale_up")
 class ScaleUp(Detector):
-    """SCALE-UP input-level backdoor detector (black-box, label-only; METHODS.md section 2).
+    """SCALE-UP input-level backdoor detector (black-box, label-only; docs/methods.md §2).
 
     Modes:
         ``"data_free"``: score = SPC(x), the share of scales ``n`` in ``scales`` for which

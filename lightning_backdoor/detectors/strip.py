@@ -22,7 +22,7 @@ from .functional.strip import STRIP_MODES, strip_entropy, strip_overlay_indices
 
 @DETECTORS.register("strip")
 class Strip(Detector):
-    """STRIP input-level backdoor detector (black-box, softmax probabilities; METHODS.md section 4).
+    """STRIP input-level backdoor detector (black-box, softmax probabilities; docs/methods.md §4).
 
     Each input is superimposed with ``n`` random images from a clean pool -- ``"add"``: pixel-wise
     sum clipped to [0, 1] as in the original, or ``"average"``: 50/50 blend -- and the score is

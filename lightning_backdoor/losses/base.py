@@ -4,7 +4,7 @@ A training step that uses terms ``T_1 … T_m`` minimises
 
     (Π_j T_j.main_weight) · L_bd  +  Σ_j T_j(model, x, y, poisoned, original_y, target, logits)
 
-where ``L_bd`` is the vanilla poisoned-training loss (METHODS.md section 1). Each term logs as
+where ``L_bd`` is the vanilla poisoned-training loss (docs/methods.md §1). Each term logs as
 ``train/loss/{name}``. A term returns None when the batch holds none of the samples it needs
 (e.g. no poisoned sample); it then counts the batch in ``skipped`` instead of returning NaN.
 

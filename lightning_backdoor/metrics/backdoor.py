@@ -1,7 +1,7 @@
 """Benign accuracy (BA) and attack success rate (ASR): functions and DDP-correct torchmetrics.
 
 BA = accuracy on clean test data. ASR = share of poisoned inputs *whose true label is not the
-target* that the model classifies as the target (METHODS.md, notation). Both metrics keep
+target* that the model classifies as the target (docs/methods.md, notation). Both metrics keep
 ``correct``/``total`` counters reduced by summation, so under DDP every rank's samples count
 once — no averaging of per-batch numbers.
 """

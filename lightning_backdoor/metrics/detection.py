@@ -1,4 +1,4 @@
-"""Detection metrics on continuous detector scores (torch + torchmetrics only; METHODS.md section 7).
+"""Detection metrics on continuous detector scores (torch + torchmetrics only; docs/methods.md §7).
 
     detection_metrics(scores, is_poisoned, threshold=0.5)
     # {"auroc": ..., "f1": ..., "tpr@fpr1": ..., "tpr@fpr5": ...}
