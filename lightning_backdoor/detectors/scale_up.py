@@ -26,6 +26,9 @@ from .base import DETECTORS, Detector, iter_benign, threshold_at_fpr
 from .functional.scale_up import DEFAULT_SCALES, check_scales, scale_up_class_stats, scale_up_nspc, scale_up_spc
 
 SCALE_UP_MODES = ("data_free", "data_limited", "data_limited_global")
+SCALE_UP_GROUPINGS = ("true_label", "predicted")
+#: Fewer benign fitting samples than this in a class triggers a warning in data-limited mode.
+MIN_PER_CLASS = 10
 
 
 @DETECTORS.register("scale_up")
@@ -38,9 +41,14 @@ class ScaleUp(Detector):
             flagged when its prediction survives more than half of the scalings (a majority vote
             over ``S``; with the default five scales, SPC >= 0.6).
         ``"data_limited"`` (the paper's data-limited variant): ``fit`` records the mean and std of
-            benign SPC per *predicted* class; score = ``(SPC - mu[C(x)]) / sigma[C(x)]``. Classes
-            absent from the fit data or with zero std fall back to the global benign mean/std
-            (with a warning); if the global std is zero too, sigma = 1 is used.
+            benign SPC per class ``i`` over the benign samples whose **true** label is ``i`` (the
+            paper's ``X_i``; ``group_by="predicted"`` groups by the predicted label instead); the
+            test input is normalised by its *predicted* class, score = ``(SPC - mu[C(x)]) / sigma[C(x)]``.
+            A class whose benign SPC values are all equal (zero std, common: SPC takes only
+            ``|S| + 1`` values) keeps its mean and uses the global benign std (listed in
+            ``zero_std_classes``); a class without fitting samples uses the global mean and std, with
+            a warning, as do classes with fewer than 10 fitting samples (the paper uses about 100 per
+            class). If the global std is zero too, sigma = 1 is used (with a warning).
         ``"data_limited_global"``: one global benign mean/std (public-code form; a monotone
             transform of SPC, so AUROC equals the data-free one), for comparison.
 
@@ -54,6 +62,8 @@ class ScaleUp(Detector):
         threshold: decision threshold for ``predict`` (``score > threshold``), or None for the default.
         batch_size: maximum images per forward pass (the ``(1 + |S|) * N`` scaled copies are chunked).
         target_fpr: benign false-positive rate used to set the threshold in data-limited modes.
+        group_by: ``"true_label"`` (paper, default) or ``"predicted"``: which label groups the benign
+            fitting samples into classes in ``"data_limited"`` mode.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
@@ -71,8 +81,10 @@ class ScaleUp(Detector):
         threshold: Optional[float] = None,
         batch_size: int = 512,
         target_fpr: float = 0.05,
+        group_by: str = "true_label",
     ) -> None:
         self.scales = check_scales(scales)
+        self.group_by = check_choice(group_by, "group_by", SCALE_UP_GROUPINGS)
         self.mode = check_choice(mode, "mode", SCALE_UP_MODES)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.target_fpr = check_probability(target_fpr, "target_fpr", high_open=True)
@@ -87,55 +99,77 @@ class ScaleUp(Detector):
         self.mean_per_class: Optional[Tensor] = None
         self.std_per_class: Optional[Tensor] = None
         self.counts: Optional[Tensor] = None
+        self.zero_std_classes: list = []
         self.global_mean = math.nan
         self.global_std = math.nan
 
     # -- interface -------------------------------------------------------------------------------
     def fit(self, model: nn.Module, benign: Any) -> "ScaleUp":
-        """Data-limited modes: per-predicted-class (and global) benign SPC statistics, and the
-        threshold if none was given. Data-free mode: nothing to fit."""
+        """Data-limited modes: per-class (and global) benign SPC statistics, and the threshold if none
+        was given. Data-free mode: nothing to fit."""
         if self.mode == "data_free":
             self.fitted = True
             return self
         device = model_device(model)
-        spcs, preds, num_classes = [], [], 0
+        spcs, preds, labels = [], [], []
         with evaluating(model):
             for x, y in iter_benign(benign, device):
                 spc, pred = scale_up_spc(model, x, self.scales, batch_size=self.batch_size, return_pred=True)
                 spcs.append(spc)
                 preds.append(pred)
-                num_classes = max(num_classes, int(y.max()) + 1, int(pred.max()) + 1)
-        spc, pred = torch.cat(spcs).cpu(), torch.cat(preds).cpu()
+                labels.append(y)
+        spc, pred, y = torch.cat(spcs).cpu(), torch.cat(preds).cpu(), torch.cat(labels).cpu()
+        num_classes = max(int(y.max()), int(pred.max())) + 1
 
         gmean, gstd = float(spc.mean()), float(spc.std(correction=0))
         if gstd == 0:
             warnings.warn(
-                f"ScaleUp.fit: all {len(spc)} benign SPC values equal {gmean:.3g}; using global std 1 "
-                "so scores are SPC - mean",
+                f"ScaleUp.fit: all {len(spc)} benign SPC values equal {gmean:.3g}, so the benign data gives no "
+                "spread to normalise by; using std 1 (scores are SPC - mean). SCALE-UP cannot separate anything "
+                "on this model unless poisoned inputs differ in SPC: check the model is trained",
                 UserWarning,
                 stacklevel=2,
             )
             gstd = 1.0
-        mean, std, counts = scale_up_class_stats(spc, pred, num_classes)
-        bad = (counts == 0) | ~(std > 0)
-        if self.mode == "data_limited" and bool(bad.any()):
-            missing = (counts == 0).nonzero().flatten().tolist()
-            zero_std = ((counts > 0) & ~(std > 0)).nonzero().flatten().tolist()
-            warnings.warn(
-                f"ScaleUp.fit: predicted classes {missing} are missing from the benign data and classes "
-                f"{zero_std} have zero SPC std; they fall back to the global mean {gmean:.3g} / std {gstd:.3g}",
-                UserWarning,
-                stacklevel=2,
-            )
-        self.mean_per_class = torch.where(bad, torch.full_like(mean, gmean), mean)
-        self.std_per_class = torch.where(bad, torch.full_like(std, gstd), std)
+        groups = y if self.group_by == "true_label" else pred
+        mean, std, counts = scale_up_class_stats(spc, groups, num_classes)
+        if self.mode == "data_limited":
+            self._warn_about_classes(counts)
+        missing = counts == 0
+        zero_std = ~missing & ~(std > 0)
+        # a class whose benign SPC values are all equal keeps its mean and borrows the global spread;
+        # a class without fitting samples falls back to the global mean and std
+        self.mean_per_class = torch.where(missing, torch.full_like(mean, gmean), mean)
+        self.std_per_class = torch.where(missing | zero_std, torch.full_like(std, gstd), std)
         self.counts = counts
+        self.zero_std_classes = zero_std.nonzero().flatten().tolist()
         self.num_classes = num_classes
         self.global_mean, self.global_std = gmean, gstd
         self.fitted = True
         if self._threshold_arg is None:
             self.threshold = threshold_at_fpr(self._transform(spc, pred), self.target_fpr)
         return self
+
+    def _warn_about_classes(self, counts: Tensor) -> None:
+        missing = (counts == 0).nonzero().flatten().tolist()
+        few = ((counts > 0) & (counts < MIN_PER_CLASS)).nonzero().flatten().tolist()
+        what = "true" if self.group_by == "true_label" else "predicted"
+        if missing:
+            warnings.warn(
+                f"ScaleUp.fit: classes {missing} have no benign fitting samples (grouped by {what} label); inputs "
+                "predicted as them are normalised with the global benign mean/std. Fit on benign data holding every "
+                "class (BackdoorDataModule's defense split is stratified; raise defense_size / fit_samples)",
+                UserWarning,
+                stacklevel=3,
+            )
+        if few:
+            warnings.warn(
+                f"ScaleUp.fit: classes {few} have fewer than {MIN_PER_CLASS} benign fitting samples "
+                f"({[int(counts[c]) for c in few]}); their per-class SPC statistics are noisy (the paper uses about "
+                "100 per class). Raise defense_size / fit_samples",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
         """SPC (data-free) or normalised SPC (data-limited) of ``x``; higher = more likely poisoned."""
@@ -152,6 +186,7 @@ class ScaleUp(Detector):
             "threshold": self._threshold_arg,
             "batch_size": self.batch_size,
             "target_fpr": self.target_fpr,
+            "group_by": self.group_by,
         }
 
     def state_dict(self) -> Dict[str, Any]:
@@ -160,6 +195,7 @@ class ScaleUp(Detector):
             "threshold": self.threshold,
             "mode": self.mode,
             "scales": list(self.scales),
+            "group_by": self.group_by,
         }
         if self.mode != "data_free" and self.fitted:
             state.update(
@@ -167,13 +203,14 @@ class ScaleUp(Detector):
                 mean_per_class=self.mean_per_class,
                 std_per_class=self.std_per_class,
                 counts=self.counts,
+                zero_std_classes=list(self.zero_std_classes),
                 global_mean=self.global_mean,
                 global_std=self.global_std,
             )
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for key, mine in (("mode", self.mode), ("scales", list(self.scales))):
+        for key, mine in (("mode", self.mode), ("scales", list(self.scales)), ("group_by", self.group_by)):
             if key in state and state[key] != mine:
                 raise ValueError(f"state was saved with {key}={state[key]!r} but this ScaleUp has {key}={mine!r}")
         super().load_state_dict(state)
@@ -184,6 +221,7 @@ class ScaleUp(Detector):
             self.mean_per_class = state["mean_per_class"].float().cpu()
             self.std_per_class = state["std_per_class"].float().cpu()
             self.counts = state["counts"].long().cpu()
+            self.zero_std_classes = [int(c) for c in state.get("zero_std_classes", [])]
             self.global_mean = float(state["global_mean"])
             self.global_std = float(state["global_std"])
 

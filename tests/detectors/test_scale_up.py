@@ -92,33 +92,56 @@ def benign(n=60, seed=2, k=5):
     return x, torch.arange(n) % k
 
 
-def test_nspc_per_class_zscore_matches_manual():
+@pytest.mark.parametrize("group_by", ["true_label", "predicted"])
+def test_nspc_per_class_zscore_matches_manual(group_by):
     net = tiny_net()
     xb, yb = benign()
-    det = ScaleUp(scales=SCALES, mode="data_limited", threshold=0.0)
+    det = ScaleUp(scales=SCALES, mode="data_limited", threshold=0.0, group_by=group_by)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         det.fit(net, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xb, yb), batch_size=16))
     spc_b, pred_b = reference_spc(net, xb, SCALES)
+    groups = yb if group_by == "true_label" else pred_b  # the paper's X_i: benign samples of TRUE class i
     assert int(det.counts.sum()) == len(xb)  # every batch was used, not just the first
     gmean, gstd = spc_b.mean(), spc_b.std(correction=0)
-    own = [c for c in range(det.num_classes) if (pred_b == c).sum() > 1 and spc_b[pred_b == c].std() > 0]
+    own = [c for c in range(det.num_classes) if (groups == c).sum() > 1 and spc_b[groups == c].std() > 0]
     assert len(own) >= 2  # the data exercises real per-class statistics
     for c in range(det.num_classes):
-        vals = spc_b[pred_b == c]
-        if len(vals) and vals.std(correction=0) > 0:
-            assert det.mean_per_class[c] == pytest.approx(float(vals.mean()), abs=1e-6)
-            assert det.std_per_class[c] == pytest.approx(float(vals.std(correction=0)), abs=1e-6)
-        else:
+        vals = spc_b[groups == c]
+        if len(vals) == 0:
             assert det.mean_per_class[c] == pytest.approx(float(gmean), abs=1e-6)
             assert det.std_per_class[c] == pytest.approx(float(gstd), abs=1e-6)
+        elif vals.std(correction=0) > 0:
+            assert det.mean_per_class[c] == pytest.approx(float(vals.mean()), abs=1e-6)
+            assert det.std_per_class[c] == pytest.approx(float(vals.std(correction=0)), abs=1e-6)
+        else:  # all equal: own mean, global spread
+            assert c in det.zero_std_classes
+            assert det.mean_per_class[c] == pytest.approx(float(vals.mean()), abs=1e-6)
+            assert det.std_per_class[c] == pytest.approx(float(gstd), abs=1e-6)
     x = images(17, seed=5)
-    spc, pred = reference_spc(net, x, SCALES)
+    spc, pred = reference_spc(net, x, SCALES)  # the test input is normalised by its PREDICTED class
     manual = torch.tensor(
         [(float(s) - float(det.mean_per_class[p])) / float(det.std_per_class[p]) for s, p in zip(spc, pred)]
     )
     torch.testing.assert_close(det.score(net, x), manual.float())
     torch.testing.assert_close(scale_up_nspc(spc, pred, det.mean_per_class, det.std_per_class), manual.float())
+
+
+def test_true_label_and_predicted_grouping_differ_when_the_model_errs():
+    net = ConstantClassNet()  # predicts 0 or 1 only: true-class groups differ from predicted ones
+    x = torch.cat([torch.rand(12, 3, 4, 4) * 0.3, torch.rand(12, 3, 4, 4) * 0.3 + 0.6])
+    y = torch.tensor([0, 1, 2] * 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = ScaleUp(scales=(1.5, 2.0, 3.0), mode="data_limited").fit(net, (x, y))
+        b = ScaleUp(scales=(1.5, 2.0, 3.0), mode="data_limited", group_by="predicted").fit(net, (x, y))
+    assert a.counts.tolist() == [8, 8, 8] and b.counts.tolist()[2] == 0
+
+
+def test_few_fitting_samples_per_class_warn():
+    net, (xb, yb) = tiny_net(), benign(20, k=4)  # 5 per class < 10
+    with pytest.warns(UserWarning, match=r"fewer than 10 benign fitting samples \(\[5, 5, 5, 5\]\)"):
+        ScaleUp(scales=SCALES, mode="data_limited").fit(net, (xb, yb))
 
 
 def test_class_stats_and_global_mode():
@@ -159,11 +182,11 @@ class ConstantClassNet(nn.Module):
 def test_fit_with_missing_class_warns_and_falls_back():
     net = ConstantClassNet()
     x = torch.cat([torch.full((4, 3, 4, 4), 0.1), torch.rand(6, 3, 4, 4) * 0.2 + 0.3, torch.full((2, 3, 4, 4), 0.9)])
-    y = torch.tensor([0, 1, 2] * 4)
+    y = torch.tensor([0, 1, 3] * 4)  # true class 2 has no fitting sample
     det = ScaleUp(scales=(1.5, 2.0, 3.0), mode="data_limited")
-    with pytest.warns(UserWarning, match=r"classes \[2\] are missing"):
+    with pytest.warns(UserWarning, match=r"classes \[2\] have no benign fitting samples"):
         det.fit(net, (x, y))
-    assert det.num_classes == 3
+    assert det.num_classes == 4
     assert det.mean_per_class[2] == pytest.approx(det.global_mean)
     assert det.std_per_class[2] == pytest.approx(det.global_std)
     assert torch.isfinite(det.score(net, x)).all()
@@ -171,10 +194,21 @@ def test_fit_with_missing_class_warns_and_falls_back():
 
 def test_all_equal_benign_spc_never_divides_by_zero():
     net = ConstantClassNet()
-    x = torch.full((4, 3, 4, 4), 0.9)
-    with pytest.warns(UserWarning, match="global std 1"), pytest.warns(UserWarning, match="fall back"):
-        det = ScaleUp(mode="data_limited").fit(net, (x, torch.zeros(4, dtype=torch.long)))
+    x = torch.full((12, 3, 4, 4), 0.9)
+    with pytest.warns(UserWarning, match="using std 1"):
+        det = ScaleUp(mode="data_limited").fit(net, (x, torch.zeros(12, dtype=torch.long)))
     assert torch.isfinite(det.score(net, torch.rand(5, 3, 4, 4))).all()
+
+
+def test_zero_std_class_is_not_a_warning():
+    """SPC takes |S| + 1 values: a class with one benign SPC value is normal and needs no warning."""
+    net = ConstantClassNet()
+    x = torch.cat([torch.full((10, 3, 4, 4), 0.1), torch.rand(10, 3, 4, 4) * 0.2 + 0.3])
+    y = torch.tensor([0] * 10 + [1] * 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det = ScaleUp(scales=(1.5, 2.0, 3.0), mode="data_limited").fit(net, (x, y))
+    assert 0 in det.zero_std_classes and det.std_per_class[0] == pytest.approx(det.global_std)
 
 
 def test_thresholds():
@@ -246,7 +280,8 @@ def test_registry_and_hparams():
     det = create_detector("scale_up", mode="data_limited", scales=[2, 4])
     assert isinstance(det, ScaleUp) and det.scales == (2.0, 4.0)
     hp = det.hparams()
-    assert hp == {"scales": [2.0, 4.0], "mode": "data_limited", "threshold": None, "batch_size": 512, "target_fpr": 0.05}
+    assert hp == {"scales": [2.0, 4.0], "mode": "data_limited", "threshold": None, "batch_size": 512, "target_fpr": 0.05,
+                  "group_by": "true_label"}
     assert F.scale_up_spc is scale_up_spc
 
 
