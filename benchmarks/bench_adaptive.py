@@ -180,7 +180,7 @@ def main() -> None:
                                     scheduler=cosine(args.finetune_epochs), losses=losses(), noise_sigmas=NOISE,
                                     init_weights=str(ckpt))
         start = time.perf_counter()
-        trainer(args.finetune_epochs).fit(module, dm)
+        trainer(args.finetune_epochs, gradient_clip_val=5.0).fit(module, dm)  # as configs/adaptive/*.yaml
         fit_s = time.perf_counter() - start
         metrics = evaluate(module, dm, args.samples, args.fit_samples)
         attack_k = [getattr(term, "k", None) for term in module.loss_terms]

@@ -21,9 +21,9 @@ def roc_points(scores: Tensor, labels: Tensor) -> Tuple[np.ndarray, np.ndarray]:
     """ROC curve (fpr, tpr) of continuous ``scores`` (higher = poisoned) against 0/1 ``labels``."""
     from torchmetrics.functional.classification import binary_roc
 
-    from .metrics.detection import _ranks01
+    from .metrics.detection import ranks01
 
-    fpr, tpr, _ = binary_roc(_ranks01(scores.double()).float(), labels.long())
+    fpr, tpr, _ = binary_roc(ranks01(scores.double()).float(), labels.long())
     return fpr.numpy(), tpr.numpy()
 
 

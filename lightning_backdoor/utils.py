@@ -18,6 +18,14 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's first floating parameter or buffer (float32 for a model without one)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 @contextlib.contextmanager
 def evaluating(model: nn.Module, *, grad: bool = False) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode (and no-grad unless ``grad``) and restore every submodule's mode after.

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor
 
 __all__ = [
     "PIXEL_TOL",
+    "check_above_one",
     "check_bool",
     "check_choice",
     "check_images",
@@ -39,6 +41,7 @@ __all__ = [
     "check_real",
     "check_seed",
     "check_size2",
+    "warn_ignored",
 ]
 
 # Tolerance for pixel values slightly outside [0, 1] from float round-off (e.g. after Normalize^-1).
@@ -148,6 +151,14 @@ def check_positive_float(value: Any, name: str) -> float:
     return v
 
 
+def check_above_one(value: Any, name: str, why: str = "") -> float:
+    """A finite real number ``> 1`` (an amplification factor); ``why`` says what a factor ``<= 1`` would do."""
+    v = check_real(value, name)
+    if v <= 1:
+        raise ValueError(f"{name} must be > 1, got {value}" + (f" ({why})" if why else ""))
+    return v
+
+
 def check_non_negative_float(value: Any, name: str) -> float:
     """A finite real number ``>= 0``."""
     if not _is_real(value) or not math.isfinite(float(value)):
@@ -177,6 +188,11 @@ def check_label(value: Any, name: str, num_classes: int) -> int:
     if not 0 <= value < num_classes:
         raise ValueError(f"{name} must be a class index in [0, {num_classes - 1}], got {value}")
     return int(value)
+
+
+def warn_ignored(owner: str, name: str, value: Any, why: str, *, stacklevel: int = 3) -> None:
+    """Warn that argument ``name=value`` of ``owner`` has no effect (``why``: when it would, or what to do)."""
+    warnings.warn(f"{owner}: {name}={value!r} is ignored: {why}", UserWarning, stacklevel=stacklevel)
 
 
 def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:

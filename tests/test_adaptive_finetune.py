@@ -135,11 +135,24 @@ def test_adaptive_config_fine_tunes_from_the_quickstart_checkpoint(name, workdir
 def test_init_weights_override_and_architecture_mismatch_via_cli(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     args = ["fit", "--config", str(ADAPTIVE / "scale_up.yaml"), *FAST, "--trainer.logger", "false"]
-    with pytest.raises(FileNotFoundError, match="elsewhere.ckpt"):
+    # refused in one line before anything starts (no trainer, no W&B run)
+    with pytest.raises(SystemExit, match=r"checkpoint 'elsewhere.ckpt' \(--model.init_args.init_weights\) not found"):
         main(args + ["--model.init_args.init_weights", "elsewhere.ckpt"])
     with pytest.raises(ValueError, match=r"(?s)last\.ckpt.*does not match.*conv1\.weight: checkpoint \[16, 1, 3, 3\] "
                                          r"vs model \[8, 1, 3, 3\]"):
         main(args + ["--model.init_args.net.init_args.width", "8"])
+
+
+def test_missing_quickstart_checkpoint_says_what_to_run_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here
+    for name in ("scale_up", "ibd_psc_design1", "ibd_psc_design2"):
+        with pytest.raises(SystemExit) as err:
+            main(["fit", "--config", str(ADAPTIVE / f"{name}.yaml")])
+        msg = str(err.value)
+        assert "checkpoints/quickstart/last.ckpt" in msg and "not found" in msg
+        assert f"lightning-backdoor fit --config {os.path.relpath(QUICKSTART)}` first" in msg
+        assert "\n" not in msg  # one line
+    assert not (tmp_path / "wandb").exists()  # refused before a W&B run started
 
 
 def test_mismatch_lists_missing_unexpected_and_shapes(vanilla_ckpt):

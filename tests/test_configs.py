@@ -110,3 +110,28 @@ def test_cifar_config_fast_dev_run(path, tmp_path):
         "--data.init_args.defense_size", "8",
     ])
     assert not (tmp_path / "wandb").exists()  # W&B disabled: nothing written, nothing sent
+
+
+def _detection_args(cfg):
+    cbs = (cfg.get("trainer") or {}).get("callbacks") or []
+    return [cb.get("init_args", {}) for cb in cbs if str(cb.get("class_path", "")).endswith("DetectionCallback")]
+
+
+PROTOCOL_CONFIGS = sorted(set((CONFIGS / "cifar10").glob("*.yaml")) | set((CONFIGS / "adaptive").rglob("*.yaml"))
+                          | set((CONFIGS / "distributed").glob("*.yaml")))
+PROTOCOL_CONFIGS = [p for p in PROTOCOL_CONFIGS if not p.name.startswith("sweep_")]
+
+
+@pytest.mark.parametrize("path", PROTOCOL_CONFIGS, ids=ids(PROTOCOL_CONFIGS))
+def test_paper_scale_and_adaptive_configs_follow_the_papers_protocol(path):
+    """Noise-augmented copies (sigma 0.05) on; paper-scale configs fit data-limited detectors on >= 100 per class."""
+    cfg = yaml.safe_load(path.read_text())
+    dets = _detection_args(cfg)
+    assert dets, f"{path.name} runs no DetectionCallback"
+    for args in dets:
+        assert args.get("noise_copies") is True and args.get("noise_magnitude", 0.05) == 0.05, path.name
+    data = cfg["data"]["init_args"]
+    if data.get("dataset") == "cifar10":
+        for args in dets:
+            assert args.get("fit_samples") is None or args["fit_samples"] >= 1000
+        assert data.get("defense_size", 0) >= 1000  # stratified: >= 100 per class of CIFAR-10

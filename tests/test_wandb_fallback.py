@@ -124,10 +124,9 @@ def test_online_cli_run_with_fake_key_and_closed_port_finishes_offline(tmp_path)
            "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--trainer.num_sanity_val_steps", "0",
            "--data.init_args.batch_size", "16", "--data.init_args.eval_batch_size", "16",
            "--model.init_args.net.init_args.width", "4", "--model.init_args.noise_sigmas", "[]"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - t0
+    # the wait for W&B is bounded by the logger's probe timeout (tested directly above); the whole run's
+    # wall time depends on the machine's load, so it is not asserted here (no timed unit tests)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "logging OFFLINE" in proc.stderr and "cannot connect to the W&B server" in proc.stderr
     assert list((tmp_path / "wandb").glob("offline-run-*")), "the run should have been written offline"
-    assert elapsed < 60

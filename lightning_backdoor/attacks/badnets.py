@@ -86,6 +86,9 @@ class BadNets(Attack):
             self.patch_size = (int(patch.shape[-2]), int(patch.shape[-1]))
         if mask is not None:
             mask = _check_trigger_tensor(mask, "mask")
+            if float(mask.max()) == 0:
+                raise ValueError("mask is all zeros, so the patch would change no pixel (the trigger would be the "
+                                 "identity); use a mask with values in (0, 1] where the patch goes, or mask=None")
             if tuple(mask.shape[-2:]) != self.patch_size:
                 raise ValueError(
                     f"mask of shape {tuple(mask.shape)} does not match the patch size {self.patch_size}; "

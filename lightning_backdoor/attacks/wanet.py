@@ -31,7 +31,7 @@ class WaNet(Attack):
 
     Args:
         k: control grid size, ``2 <= k <= min(H, W)`` (paper: 4).
-        s: warping strength, ``>= 0`` (paper: 0.5; ``s = 0`` is the identity).
+        s: warping strength, ``> 0`` (paper: 0.5; ``s = 0`` would be the identity, no trigger).
         grid_rescale: factor applied to the grid before clamping to ``[-1, 1]`` (paper: 1).
         cross_ratio: noise-mode samples per poisoned sample (paper: 2); sets ``cover_ratio``.
         seed: seed of the control field.
@@ -54,7 +54,7 @@ class WaNet(Attack):
     ) -> None:
         super().__init__()
         self.k = check_positive_int(k, "k")
-        self.s = check_non_negative_float(s, "s")
+        self.s = check_positive_float(s, "s")  # s = 0 would make the trigger the identity warp
         self.grid_rescale = check_positive_float(grid_rescale, "grid_rescale")
         self.cross_ratio = check_non_negative_float(cross_ratio, "cross_ratio")
         self.cover_ratio = self.cross_ratio

@@ -63,3 +63,68 @@ def sample_ids(set_id: int, positions: Tensor) -> Tensor:
 
 def rank_and_world(trainer: Any) -> Tuple[int, int]:
     return int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
+
+
+def is_last_eval_batch(trainer: Any, batch_idx: int, dataloader_idx: int) -> bool:
+    """Whether ``(batch_idx, dataloader_idx)`` is the last batch of the last evaluation dataloader."""
+    nums = trainer.num_test_batches if getattr(trainer, "testing", False) else trainer.num_val_batches
+    if not nums:
+        return False
+    last = len(nums) - 1
+    count = nums[last]
+    if not isinstance(count, int) or count <= 0:  # inf (an iterable loader) or unknown: use epoch end
+        return False
+    return dataloader_idx == last and batch_idx == count - 1
+
+
+class EvaluationEndHooks:
+    """Mixin for callbacks that log once per validation/test epoch (``_should_run`` / ``_run`` implemented by them).
+
+    The work runs at the **last batch of the last evaluation dataloader**, so what it logs lands in that
+    dataloader's results only: Lightning copies metrics logged in ``on_*_epoch_end`` into the results of
+    every dataloader, so with ``[benign, poisoned]`` loaders the test table would print each metric twice
+    and ``trainer.test`` would return it twice. When batch counts are unknown (iterable loaders) or no
+    batch runs, the work falls back to epoch end.
+    """
+
+    _done: bool = False
+
+    def _should_run(self, trainer: Any, stage: str) -> bool:
+        raise NotImplementedError
+
+    def _run(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        raise NotImplementedError
+
+    def _maybe(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not self._done and not trainer.sanity_checking and self._should_run(trainer, stage):
+            self._done = True
+            self._run(trainer, pl_module, stage)
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._done = False
+
+    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._done = False
+
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if is_last_eval_batch(trainer, batch_idx, dataloader_idx):
+            self._maybe(trainer, pl_module, "validate")
+
+    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                          dataloader_idx: int = 0) -> None:
+        if is_last_eval_batch(trainer, batch_idx, dataloader_idx):
+            self._maybe(trainer, pl_module, "test")
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._maybe(trainer, pl_module, "validate")
+
+    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._maybe(trainer, pl_module, "test")
+
+
+def log_once(pl_module: Any, values: dict) -> None:
+    """Log already-global values (computed over every rank) from a callback hook."""
+    for key, val in values.items():
+        pl_module.log(key, val, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=False,
+                      add_dataloader_idx=False, batch_size=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -14,23 +14,31 @@ from torch.utils.data import DataLoader
 
 from ..detectors.base import Detector, collect_benign
 from ..metrics.detection import DetectionMetrics
+from ..models.outputs import LogitsOf, check_logits, check_output_key
 from ..utils import evaluating, model_device
-from ..validation import check_optional_positive_int, check_positive_int, check_probability
-from ._evaluation import iter_batches, per_sample_noise, rank_and_world, sample_ids, shard
+from ..validation import check_bool, check_optional_positive_int, check_positive_int, check_probability, check_seed
+from ._evaluation import EvaluationEndHooks, iter_batches, log_once, per_sample_noise, rank_and_world, sample_ids, shard
 
 _STAGES = ("validate", "test")
 _PREFIX = {"validate": "val", "test": "test"}
 
 
-def resolve_net(pl_module: nn.Module, attr: Optional[str]) -> nn.Module:
-    """The classifier detectors should see: ``pl_module.<attr>`` (default ``net`` if present) or the module."""
+def resolve_net(pl_module: nn.Module, attr: Optional[str], output_key: Union[str, int, None] = None) -> nn.Module:
+    """The classifier detectors should see: ``pl_module.<attr>`` (default ``net`` if present) or the module,
+    wrapped in :class:`~lightning_backdoor.models.LogitsOf` when ``output_key`` selects the logits from its output."""
     if attr is not None:
         net = getattr(pl_module, attr, None)
         if not isinstance(net, nn.Module):
-            raise AttributeError(f"model_attr={attr!r}: the LightningModule has no nn.Module attribute {attr!r}")
-        return net
-    net = getattr(pl_module, "net", None)
-    return net if isinstance(net, nn.Module) else pl_module
+            found = sorted(n for n, m in pl_module.named_children())
+            raise AttributeError(f"model_attr={attr!r}: the LightningModule has no nn.Module attribute {attr!r}; "
+                                 f"its submodules are {found}")
+    else:
+        logits_net = getattr(pl_module, "logits_net", None)  # BackdoorClassifier(output_key=...) adapts its net
+        if isinstance(logits_net, nn.Module) and output_key is None:
+            return logits_net
+        net = getattr(pl_module, "net", None)
+        net = net if isinstance(net, nn.Module) else pl_module
+    return LogitsOf(net, output_key) if output_key is not None else net
 
 
 def _sync(device: torch.device) -> None:
@@ -38,7 +46,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class DetectionCallback(Callback):
+class DetectionCallback(EvaluationEndHooks, Callback):
     """Scores benign and poisoned evaluation samples with each detector and logs detection metrics.
 
     Works in any Lightning training whose module's forward (or ``module.net``) returns logits. Samples
@@ -53,11 +61,19 @@ class DetectionCallback(Callback):
       evaluated samples (positives: poisoned inputs whose true label is not the target; negatives:
       benign inputs);
     - ``{stage}/{det}/successful/auroc``, ``/f1``, ``/tpr@fpr1``, ``/tpr@fpr5``: only poisoned inputs
-      predicted as the target and benign inputs predicted correctly;
+      predicted as the target and benign inputs predicted correctly (needs the target label and the
+      benign labels: without them these keys are not logged, with a warning);
     - ``{stage}/{det}/relative_cost``: detector time per image / plain forward time per image;
     - ``{stage}/{det}/k`` for detectors with a selected layer count (IBD-PSC);
     - with a ``WandbLogger`` and ``plots=True``: ``{stage}/{det}/roc`` and ``{stage}/{det}/scores``
       images (ROC curve; benign vs poisoned score histograms).
+
+    When: at the end of each validation (every ``every_n_epochs`` epochs during ``fit``) and test run,
+    once — after the last batch of the last evaluation dataloader, so the values appear once in the
+    test table and in what ``trainer.test`` returns (in the poisoned loader's results).
+
+    Samples: capped sets (``max_samples``, ``fit_samples``) are seeded random samples of the sets
+    (``seed``; the same on every rank), never their first samples.
 
     Metrics are torchmetrics with ``"cat"`` states: under DDP each rank scores its own share of the
     samples (no padding, no repeats) and the metrics equal the single-process ones; detectors are
@@ -78,9 +94,12 @@ class DetectionCallback(Callback):
         target: the target label (default: the data module's ``target``).
         model_attr: attribute of the LightningModule holding the classifier (default: ``net`` if
             present, else the module itself).
+        output_key: when the model's forward returns a tuple, dict or output object, what selects
+            the logits (``0``, ``"logits"``); see :class:`~lightning_backdoor.models.LogitsOf`.
         plots: log ROC curves and score histograms to W&B loggers.
-        progress: show a progress bar while scoring.
-        seed: seeds the noise copies.
+        progress: show a progress bar while scoring (only when the Trainer shows progress bars).
+        seed: seeds the capped subsets and the noise copies.
+        name: distinguishes the checkpoint state of two callbacks with the same detectors.
     """
 
     def __init__(
@@ -97,9 +116,11 @@ class DetectionCallback(Callback):
         fit_loader: Optional[DataLoader] = None,
         target: Optional[int] = None,
         model_attr: Optional[str] = None,
+        output_key: Union[str, int, None] = None,
         plots: bool = True,
         progress: bool = True,
         seed: int = 0,
+        name: Optional[str] = None,
     ) -> None:
         detectors = list(detectors)
         if not detectors:
@@ -119,32 +140,41 @@ class DetectionCallback(Callback):
         max_samples = check_optional_positive_int(max_samples, "max_samples")
         fit_samples = check_optional_positive_int(fit_samples, "fit_samples")
         noise_magnitude = check_probability(noise_magnitude, "noise_magnitude", low_open=True)
+        if every_n_epochs != 1 and "validate" not in stages:
+            warnings.warn(f"DetectionCallback: every_n_epochs={every_n_epochs} is ignored without 'validate' in "
+                          f"stages={list(stages)} (test always runs once)", UserWarning, stacklevel=2)
+        if not noise_copies and noise_magnitude != 0.05:
+            warnings.warn(f"DetectionCallback: noise_magnitude={noise_magnitude} is ignored with noise_copies=False; "
+                          "pass noise_copies=True to score noise-augmented copies", UserWarning, stacklevel=2)
+        if target is not None:
+            check_positive_int(target, "target", allow_zero=True)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
         self.detectors = detectors
         self.stages = tuple(stages)
         self.every_n_epochs = every_n_epochs
         self.max_samples, self.fit_samples = max_samples, fit_samples
-        self.noise_copies, self.noise_magnitude = bool(noise_copies), float(noise_magnitude)
+        self.noise_copies, self.noise_magnitude = check_bool(noise_copies, "noise_copies"), float(noise_magnitude)
         self.benign_loader, self.poisoned_loader, self.fit_loader = benign_loader, poisoned_loader, fit_loader
-        self.target, self.model_attr = target, model_attr
-        self.plots, self.progress, self.seed = plots, progress, int(seed)
+        self.target, self.model_attr, self.output_key = target, model_attr, check_output_key(output_key)
+        self.plots, self.progress, self.seed = check_bool(plots, "plots"), check_bool(progress, "progress"), check_seed(seed)
+        self.name = name
         self.last_results: Dict[str, float] = {}
         self.last_num_scored: Dict[str, int] = {}
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(detectors=[d.name for d in self.detectors], stages=list(self.stages))
+        # detector names (and an optional name), not the stages: a test run with other stages than the fit
+        # that wrote the checkpoint still finds its state
+        return self._generate_state_key(detectors=[d.name for d in self.detectors], name=self.name)
 
-    # -- hooks -----------------------------------------------------------------------------------
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "validate" not in self.stages or trainer.sanity_checking:
-            return
-        if (trainer.current_epoch + 1) % self.every_n_epochs != 0 and trainer.state.fn == "fit":
-            return
-        self._run(trainer, pl_module, "validate")
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "test" in self.stages:
-            self._run(trainer, pl_module, "test")
+    # -- hooks (EvaluationEndHooks runs _run once per evaluation epoch) ----------------------------
+    def _should_run(self, trainer: Trainer, stage: str) -> bool:
+        if stage not in self.stages:
+            return False
+        if stage == "validate" and trainer.state.fn == "fit":
+            return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return True
 
     def state_dict(self) -> Dict[str, Any]:
         return {"detectors": {d.name: d.state_dict() for d in self.detectors}}
@@ -180,14 +210,24 @@ class DetectionCallback(Callback):
                            f"stage {stage!r}; skipping detection (pass benign_loader/poisoned_loader or use a "
                            "BackdoorDataModule with an attack)")
             return
+        for what, loader in (("benign", benign), ("poisoned", poisoned)):
+            if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") and len(loader.dataset) == 0:
+                rank_zero_warn(f"DetectionCallback: the {what} loader of stage {stage!r} is empty; skipping detection "
+                               f"(pass a non-empty {what}_loader)")
+                return
         target = self._target(trainer)
-        net = resolve_net(pl_module, self.model_attr)
+        if target is None:
+            rank_zero_warn("DetectionCallback: no target label (target=None and no BackdoorDataModule with an attack): "
+                           "the 'successful only' metrics need it to know which poisoned inputs reached the target, so "
+                           f"{prefix}/<det>/successful/* are not logged; pass target=<label>")
+        net = resolve_net(pl_module, self.model_attr, self.output_key)
         device = pl_module.device
         active = self._fit_detectors(net, fit, prefix)
         if not active:
             return
         rank, world = rank_and_world(trainer)
-        results = self._score_sets(net, active, benign, poisoned, target, device, rank, world, prefix)
+        show = self.progress and rank == 0 and getattr(trainer, "progress_bar_callback", None) is not None
+        results = self._score_sets(net, active, benign, poisoned, target, device, rank, world, prefix, show)
         values: Dict[str, float] = {}
         for det in active:
             for subset, metric in results["metrics"][det.name].items():
@@ -210,8 +250,7 @@ class DetectionCallback(Callback):
             k = getattr(det, "k", None)
             if isinstance(k, int):
                 values[f"{prefix}/{det.name}/k"] = float(k)
-        for key, val in values.items():
-            pl_module.log(key, val, sync_dist=False, rank_zero_only=False)
+        log_once(pl_module, values)
         self.last_results = values
 
     def _fit_detectors(self, net: nn.Module, fit: Optional[DataLoader], prefix: str) -> List[Detector]:
@@ -234,9 +273,9 @@ class DetectionCallback(Callback):
             active.append(det)
         return active
 
-    def _score_sets(self, net, active, benign, poisoned, target, device, rank, world, prefix) -> Dict[str, Any]:
-        metrics = {d.name: {"": DetectionMetrics(d.threshold).to(device),
-                            "/successful": DetectionMetrics(d.threshold).to(device)} for d in active}
+    def _score_sets(self, net, active, benign, poisoned, target, device, rank, world, prefix, show) -> Dict[str, Any]:
+        subsets = [""] if target is None else ["", "/successful"]
+        metrics = {d.name: {sub: DetectionMetrics(d.threshold).to(device) for sub in subsets} for d in active}
         det_time = {d.name: 0.0 for d in active}
         fwd_time, fwd_images = 0.0, 0
         sets = [(benign, False, 0), (poisoned, True, 1)]
@@ -250,7 +289,7 @@ class DetectionCallback(Callback):
             sub, positions = shard(loader, rank, world, self.max_samples, seed=self.seed)
             self.last_num_scored["poisoned" if is_poisoned else "benign"] = int(len(positions))
             it = iter_batches(sub, positions, device)
-            if tqdm is not None and self.progress and rank == 0:
+            if tqdm is not None and show:
                 it = tqdm(it, total=len(sub), desc=f"{prefix} detection ({'poisoned' if is_poisoned else 'benign'})",
                           leave=False, dynamic_ncols=True)
             for x, y, pos in it:
@@ -259,15 +298,21 @@ class DetectionCallback(Callback):
                     _sync(device)
                     t0 = time.perf_counter()
                     with evaluating(net):
-                        preds = net(xb).argmax(dim=-1)
+                        preds = check_logits(net(xb), "the model (DetectionCallback)").argmax(dim=-1)
                     _sync(device)
                     fwd_time += time.perf_counter() - t0
                     fwd_images += len(xb)
                     label = torch.full((len(xb),), int(is_poisoned), dtype=torch.long, device=device)
-                    if is_poisoned:
-                        ok = preds == target if target is not None else torch.ones_like(preds, dtype=torch.bool)
-                    else:
-                        ok = preds == y if y is not None else torch.ones_like(preds, dtype=torch.bool)
+                    ok = None
+                    if target is not None:
+                        if is_poisoned:
+                            ok = preds == target
+                        elif y is not None:
+                            ok = preds == y
+                        else:
+                            raise ValueError("DetectionCallback: the benign loader's batches carry no labels, which the "
+                                             "'successful only' metrics need (benign inputs predicted correctly); "
+                                             "use (x, y) batches")
                     for det in active:
                         t0 = time.perf_counter()
                         if det.accepts_sample_ids:
@@ -277,7 +322,7 @@ class DetectionCallback(Callback):
                         _sync(device)
                         det_time[det.name] += time.perf_counter() - t0
                         metrics[det.name][""].update(scores, label)
-                        if bool(ok.any()):
+                        if ok is not None and bool(ok.any()):
                             metrics[det.name]["/successful"].update(scores[ok], label[ok])
         per_fwd = fwd_time / max(fwd_images, 1)
         cost = {name: (t / max(fwd_images, 1)) / per_fwd if per_fwd > 0 else float("nan") for name, t in det_time.items()}

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
-from ..validation import check_label, check_positive_int, check_probability
+from ..validation import check_label, check_positive_int, check_probability, warn_ignored
 from ..attacks.base import Attack
 from .datasets import DatasetSpec, get_spec
 from .loaders import ResumableDataLoader, capture_rng, eval_sampler, restore_rng
@@ -129,6 +129,9 @@ class BackdoorDataModule(LightningDataModule):
         self.image_size = tuple(image_size) if image_size is not None else self.spec.image_size
         if self.spec.num_classes:
             check_label(self.target, "target", self.spec.num_classes)
+        if attack is None and (rate != 0.1 or target != 0):
+            warn_ignored("BackdoorDataModule", "rate/target", (rate, target), "attack=None trains a clean model "
+                         "(pass attack= to poison the training set)")
         self.save_hyperparameters(ignore=["attack"])
         self._built = False
         self.num_classes: int = self.spec.num_classes
@@ -268,7 +271,6 @@ class BackdoorDataModule(LightningDataModule):
         hp = self.attack.hparams() if hasattr(self.attack, "hparams") else {}
         kwargs = {k: v for k, v in hp.items() if k in params and not isinstance(v, dict)}
         return {"attack_name": getattr(self.attack, "name", type(self.attack).__name__),
-                "attack_class": f"{type(self.attack).__module__}.{type(self.attack).__qualname__}",
                 "attack_kwargs": kwargs,
                 "attack_state": {k: v.detach().cpu() for k, v in self.attack.state_dict().items()}}
 

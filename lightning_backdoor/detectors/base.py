@@ -8,6 +8,18 @@
 Detectors are plain objects holding settings and fitted state (no model reference is kept). Their
 fitted state round-trips through ``state_dict`` / ``load_state_dict`` with tensors and plain
 Python values only, so it can be stored in a checkpoint and loaded with ``weights_only=True``.
+
+The contract every detector keeps (tests/detectors/test_contract.py runs it over the registry):
+
+- inputs are images in pixel space ``[0, 1]`` (a normalised batch is refused with a hint); they are
+  moved to the model's device and cast to its floating dtype, and never modified;
+- the model must return logits ``[N, K]``, ``K >= 2`` (other outputs are refused by
+  :func:`~lightning_backdoor.models.check_logits` with the ``output_key=`` / ``LogitsOf`` that
+  would adapt them);
+- scores are a float ``Tensor[N]``, higher = more likely poisoned;
+- the model's modes, parameters and buffers and the caller's global RNG are left untouched;
+  randomised detectors seed per sample id (``accepts_sample_ids``), so scores do not depend on
+  batching or on the DDP rank.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..validation import check_images, check_real
 from ..registry import Registry
 from ..batch import parse_batch
-from ..utils import model_device, random_subset, subset_loader
+from ..utils import model_device, model_dtype, random_subset, subset_loader
 
 DETECTORS = Registry("detector")
 
@@ -107,7 +119,8 @@ class Detector:
         if isinstance(in_ch, int) and not isinstance(in_ch, bool) and x.shape[1] != in_ch:
             raise ValueError(f"{name} has {x.shape[1]} channels but the model expects in_channels={in_ch}; "
                              f"got images of shape {tuple(x.shape)}")
-        return x.to(model_device(model))
+        # adaptation, documented in the contract: inputs follow the model's device and floating dtype
+        return x.to(device=model_device(model), dtype=model_dtype(model))
 
 
 def threshold_at_fpr(benign_scores: Tensor, target_fpr: float) -> float:

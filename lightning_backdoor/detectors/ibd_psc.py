@@ -11,15 +11,20 @@ confidence (docs/methods.md §3).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..validation import check_choice, check_positive_float, check_positive_int, check_probability
+from ..validation import check_above_one, check_choice, check_positive_int, check_probability, warn_ignored
 from ..utils import model_device, preserved_rng
 from .base import DETECTORS, Detector, collect_benign
-from .functional.ibd_psc import LAYER_RANGES, BNLayerCache, amplified_layer_counts, fit_k, ibd_psc_score
+from .functional.ibd_psc import LAYER_RANGES, OMEGA_WHY, BNLayerCache, amplified_layer_counts, fit_k, ibd_psc_score
+
+
+#: Fewer benign samples than this for the adaptive choice of k gives a warning.
+MIN_FIT_SAMPLES = 50
 
 
 @DETECTORS.register("ibd_psc")
@@ -71,13 +76,18 @@ class IBDPSC(Detector):
         max_fit_samples: int = 100,
     ) -> None:
         super().__init__(threshold)
-        self.omega = check_positive_float(omega, "omega")
+        self.omega = check_above_one(omega, "omega", OMEGA_WHY)
         self.n = check_positive_int(n, "n")
         self.xi = check_probability(xi, "xi")
         if k is not None:
             check_positive_int(k, "k")
         self.layer_range = check_choice(layer_range, "layer_range", LAYER_RANGES)
         self.max_fit_samples = check_positive_int(max_fit_samples, "max_fit_samples")
+        if k is not None:
+            for arg, value, default in (("xi", xi, 0.6), ("max_fit_samples", max_fit_samples, 100)):
+                if value != default:
+                    warn_ignored("IBDPSC", arg, value, f"it only matters for the adaptive choice of k (k=None), "
+                                 f"and k={k} is fixed")
         self._k_arg = k
         self.k: Optional[int] = k
         self.requires_fit = k is None
@@ -92,6 +102,9 @@ class IBDPSC(Detector):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         device = model_device(model)
         x, y = collect_benign(benign, device, self.max_fit_samples)
+        if self._k_arg is None and len(x) < MIN_FIT_SAMPLES:
+            warnings.warn(f"IBDPSC.fit selects k on {len(x)} benign samples; the error rates eta_k are noisy on so few "
+                          f"(the paper uses about 100): raise fit_samples / defense_size", UserWarning, stacklevel=2)
         with preserved_rng(device):
             layers = self._layers.layers(model, x)
             self.k, self.etas = fit_k(model, x, y, self._k_arg, omega=self.omega, xi=self.xi, layers=layers)

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..validation import check_choice, check_optional_real, check_positive_int, check_probability
+from ..validation import check_choice, check_optional_real, check_positive_int, check_probability, warn_ignored
 from ..utils import evaluating, model_device
 from .base import DETECTORS, Detector, iter_benign, threshold_at_fpr
 from .functional.scale_up import DEFAULT_SCALES, check_scales, scale_up_class_stats, scale_up_nspc, scale_up_spc
@@ -89,6 +89,13 @@ class ScaleUp(Detector):
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.target_fpr = check_probability(target_fpr, "target_fpr", high_open=True)
         self._threshold_arg = check_optional_real(threshold, "threshold")
+        if mode == "data_free" and target_fpr != 0.05:
+            warn_ignored("ScaleUp", "target_fpr", target_fpr, "data_free mode has the fixed threshold 0.5 (or the given "
+                         "one); target_fpr sets the threshold in the data-limited modes")
+        elif threshold is not None and target_fpr != 0.05:
+            warn_ignored("ScaleUp", "target_fpr", target_fpr, f"threshold={threshold} is given")
+        if mode != "data_limited" and group_by != "true_label":
+            warn_ignored("ScaleUp", "group_by", group_by, "it groups the fitting samples in mode='data_limited' only")
         default = 0.5 if mode == "data_free" else math.nan
         super().__init__(default if threshold is None else float(threshold))
         self.requires_fit = mode != "data_free"

@@ -9,12 +9,14 @@ Gao et al., "STRIP: A Defence Against Trojan Attacks on Deep Neural Networks", A
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..validation import check_choice, check_optional_real, check_positive_int, check_probability, check_seed
+from ..validation import (check_choice, check_optional_real, check_positive_int, check_probability, check_seed,
+                          warn_ignored)
 from ..utils import evaluating, model_device, random_subset
 from .base import DETECTORS, Detector, collect_benign, threshold_at_fpr
 from .functional.strip import STRIP_MODES, strip_entropy, strip_overlay_indices
@@ -80,6 +82,8 @@ class Strip(Detector):
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.seed = check_seed(seed)
         self._threshold_arg = check_optional_real(threshold, "threshold")
+        if threshold is not None and target_fpr != 0.05:
+            warn_ignored("Strip", "target_fpr", target_fpr, f"threshold={threshold} is given")
         super().__init__(math.nan if threshold is None else float(threshold))
         self.pool: Optional[Tensor] = None
         self.generator = torch.Generator().manual_seed(seed)
@@ -93,6 +97,10 @@ class Strip(Detector):
         x_fit, _ = collect_benign(benign, device)
         pool_pos = random_subset(len(x_fit), self.pool_size, self.seed).to(device)
         self.pool = x_fit[pool_pos]
+        if len(self.pool) < self.n:
+            warnings.warn(f"Strip.fit: the clean pool holds {len(self.pool)} images but n={self.n} overlays are drawn per "
+                          "input, so overlays repeat (drawn with replacement); fit on at least n benign images or "
+                          "lower n", UserWarning, stacklevel=2)
         self.fitted = True
         if self._threshold_arg is None:
             if len(x_fit) < 2:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..detectors.base import collect_benign
-from ..detectors.functional.ibd_psc import BNLayerCache, amplified_forward, check_k, fit_k
+from ..detectors.functional.ibd_psc import OMEGA_WHY, BNLayerCache, amplified_forward, check_k, fit_k
 from ..utils import evaluating, model_device, preserved_rng
-from ..validation import check_positive_float, check_positive_int, check_probability
+from ..validation import check_above_one, check_positive_int, check_probability, warn_ignored
 from .base import LOSSES, LossTerm
 
 IBD_PSC_DESIGNS = (1, 2)
@@ -53,7 +53,8 @@ class IBDPSCAdaptiveLoss(LossTerm):
 
     Args:
         design: 1 or 2.
-        alpha: weight α of the vanilla loss, in ``[0, 1]``.
+        alpha: weight α of the vanilla loss, in ``[0, 1)`` (α = 1 would give the adaptive term weight 0:
+            vanilla training).
         omega: amplification factor ω (> 0; > 1 to amplify).
         k: number of last BN layers amplified, or ``"auto"``.
         zeta: soft-label mass ζ moved off the target (design 2), in ``[0, 1)``.
@@ -86,8 +87,8 @@ class IBDPSCAdaptiveLoss(LossTerm):
         if isinstance(design, bool) or design not in IBD_PSC_DESIGNS:
             raise ValueError(f"design must be one of {list(IBD_PSC_DESIGNS)}, got {design!r}")
         self.design = int(design)
-        self.alpha = check_probability(alpha, "alpha")
-        self.omega = check_positive_float(omega, "omega")
+        self.alpha = check_probability(alpha, "alpha", high_open=True)
+        self.omega = check_above_one(omega, "omega", OMEGA_WHY)
         self.zeta = check_probability(zeta, "zeta", high_open=True)
         self.xi = check_probability(xi, "xi")
         self.max_fit_samples = check_positive_int(max_fit_samples, "max_fit_samples")
@@ -100,6 +101,15 @@ class IBDPSCAdaptiveLoss(LossTerm):
             if num_classes < 2:
                 raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.num_classes = num_classes
+        if self.design == 1:
+            for arg, value, default in (("zeta", zeta, 0.1), ("num_classes", num_classes, None)):
+                if value != default:
+                    warn_ignored("IBDPSCAdaptiveLoss", arg, value, "it sets the soft labels of design 2; design=1 uses "
+                                 "the true labels")
+        if k != "auto":
+            for arg, value, default in (("xi", xi, 0.6), ("max_fit_samples", max_fit_samples, 100)):
+                if value != default:
+                    warn_ignored("IBDPSCAdaptiveLoss", arg, value, f"it only matters for k='auto', and k={k} is fixed")
         self.main_weight = self.alpha
         self.requires_fit = k == "auto"
         self.fitted = k != "auto"

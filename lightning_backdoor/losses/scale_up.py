@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..detectors.functional.scale_up import DEFAULT_SCALES, check_scales
 from ..utils import evaluating
-from ..validation import check_choice, check_non_negative_float
+from ..validation import check_choice, check_positive_float
 from .base import LOSSES, LossTerm
 
 
@@ -45,7 +45,7 @@ class ScaleUpAdaptiveLoss(LossTerm):
     Args:
         scales: the SCALE-UP scaling set ``S`` (numbers > 1: a factor <= 1 does not scale up),
             default ``(3, 5, 7, 9, 11)``.
-        weight: factor of the term (>= 0).
+        weight: factor of the term (> 0; 0 would be vanilla training).
         scale_draw: ``"random"`` or ``"all"``.
 
     Example:
@@ -61,7 +61,7 @@ class ScaleUpAdaptiveLoss(LossTerm):
     def __init__(self, scales: Sequence[float] = DEFAULT_SCALES, weight: float = 1.0, scale_draw: str = "random") -> None:
         super().__init__()
         self.scales = check_scales(scales)
-        self.weight = check_non_negative_float(weight, "weight")
+        self.weight = check_positive_float(weight, "weight")
         self.scale_draw = check_choice(scale_draw, "scale_draw", SCALE_DRAWS)
 
     def forward(

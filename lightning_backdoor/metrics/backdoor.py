@@ -8,6 +8,7 @@ once — no averaging of per-batch numbers.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -50,6 +51,8 @@ class _Rate(Metric):
 
     def compute(self) -> Tensor:
         if int(self.total) == 0:
+            warnings.warn(f"{type(self).__name__}.compute() saw no samples (an empty evaluation set, or a poisoned set "
+                          "whose every true label is the target); returning NaN", UserWarning, stacklevel=2)
             return torch.tensor(float("nan"), device=self.correct.device)
         return self.correct.float() / self.total.float()
 

@@ -13,6 +13,12 @@ computed on the continuous scores (never on thresholded decisions); F1 uses
 ``scores > threshold``. Scores are rank-transformed to [0, 1] before they reach torchmetrics,
 because torchmetrics applies a sigmoid to predictions outside [0, 1], which saturates in float32
 (e.g. 20 and 30 both become 1.0) and would tie distinct scores.
+
+``tpr@fpr1`` / ``tpr@fpr5`` are the best true-positive rate among the ROC's operating points whose
+false-positive rate is at most 1 % / 5 %, with no interpolation between points. All inputs with the
+same score are flagged together, so ties decide what is reachable: when more than 1 % (5 %) of the
+benign scores equal the top score (e.g. IBD-PSC's PSC saturating at 1.0, or SCALE-UP's few SPC levels),
+no threshold stays within that FPR while flagging them, and TPR@FPR can be 0 at a high AUROC.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ def _check_inputs(scores: Any, is_poisoned: Any) -> tuple[Tensor, Tensor]:
     return scores, is_poisoned.long()
 
 
-def _ranks01(scores: Tensor) -> Tensor:
+def ranks01(scores: Tensor) -> Tensor:
     """Dense ranks scaled to [0, 1] in float64: order and ties preserved, so the ROC is unchanged."""
     uniq, inverse = torch.unique(scores, sorted=True, return_inverse=True)
     return inverse.double() / max(len(uniq) - 1, 1)
@@ -115,7 +121,7 @@ def detection_metrics(scores: Tensor, is_poisoned: Tensor, threshold: float) -> 
             stacklevel=2,
         )
 
-    preds = _ranks01(scores)
+    preds = ranks01(scores)
     out["auroc"] = binary_auroc(preds, target).float()
     fpr, tpr, _ = binary_roc(preds, target)
     fpr, tpr = fpr.double(), tpr.double()

@@ -12,6 +12,7 @@ from ._base import ImageClassifier
 from ._factory import MODELS, create_model, list_models
 from .cnn import BadNetsCNN, SmallCNN
 from .normalize import DATASET_STATS, Normalize
+from .outputs import LogitsOf, check_logits
 from .resnet import BasicBlock, CifarResNet, resnet18, resnet20, resnet34
 from .vgg import VGG, vgg16_bn, vgg19_bn
 
@@ -19,7 +20,9 @@ __all__ = [
     "MODELS",
     "create_model",
     "list_models",
+    "LogitsOf",
     "Normalize",
+    "check_logits",
     "DATASET_STATS",
     "ImageClassifier",
     "BadNetsCNN",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Sequence
+import warnings
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,9 @@ from torch import Tensor, nn
 from ..batch import parse_batch
 from ..checkpoints import load_net_weights
 from ..metrics.backdoor import AttackSuccessRate, BenignAccuracy
-from ..utils import per_sample_normal
-from ..validation import check_positive_float
+from ..models.outputs import LogitsOf, check_logits, check_output_key, select_output
+from ..utils import model_dtype, per_sample_normal
+from ..validation import check_images, check_positive_float, check_positive_int, check_seed
 
 
 def noise_key(sigma: float) -> str:
@@ -70,12 +72,17 @@ class BackdoorClassifier(LightningModule):
         noise_sigmas: Sequence[float] = (),
         noise_seed: int = 0,
         init_weights: Optional[str] = None,
+        output_key: Union[str, int, None] = None,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
         for s in noise_sigmas:
             check_positive_float(s, "noise_sigmas")
+        if target is not None:
+            check_positive_int(target, "target", allow_zero=True)
+        self.output_key = check_output_key(output_key)
+        self._checked_stages: set = set()
         self.net = net
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.loss_terms = nn.ModuleList(list(losses))
@@ -84,7 +91,10 @@ class BackdoorClassifier(LightningModule):
                 raise TypeError(f"each loss term needs a 'name' attribute, got {type(term).__name__}")
         self.target = target
         self.noise_sigmas = tuple(float(s) for s in noise_sigmas)
-        self.noise_seed = int(noise_seed)
+        self.noise_seed = check_seed(noise_seed, "noise_seed")
+        if noise_seed != 0 and not self.noise_sigmas:
+            warnings.warn(f"BackdoorClassifier: noise_seed={noise_seed} is ignored without noise_sigmas; pass "
+                          "noise_sigmas=[0.05, ...] to log asr@noise", UserWarning, stacklevel=2)
         if init_weights is not None:
             if not isinstance(init_weights, (str, os.PathLike)):
                 raise TypeError(f"init_weights must be a checkpoint path (str) or None, got {init_weights!r}")
@@ -102,7 +112,38 @@ class BackdoorClassifier(LightningModule):
         self.save_hyperparameters(ignore=["net", "losses", "optimizer", "scheduler", "target"])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return select_output(self.net(x), self.output_key)
+
+    @property
+    def logits_net(self) -> nn.Module:
+        """``net``, or ``LogitsOf(net, output_key)`` when ``output_key`` is set: what loss terms and detectors see.
+
+        Built once and not registered as a submodule (no duplicate parameters in the state dict)."""
+        if self.output_key is None:
+            return self.net
+        wrapped = self.__dict__.get("_logits_net")
+        if wrapped is None or wrapped.model is not self.net:
+            wrapped = LogitsOf(self.net, self.output_key)
+            self.__dict__["_logits_net"] = wrapped
+        return wrapped
+
+    def _logits(self, x: Tensor, stage: str) -> Tensor:
+        """``net(x)`` as checked logits; the first batch of each stage is also checked for pixel space and dtype."""
+        if stage not in self._checked_stages:
+            self._check_first_batch(x, stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        num_classes = getattr(dm, "num_classes", None) or None
+        out = check_logits(self(x), "the net (BackdoorClassifier)", num_classes=num_classes)
+        self._checked_stages.add(stage)
+        return out
+
+    def _check_first_batch(self, x: Tensor, stage: str) -> None:
+        check_images(x, f"the first {stage} batch", allow_single=False)
+        dtype = model_dtype(self.net)
+        if x.dtype != dtype:
+            raise TypeError(
+                f"the {stage} batch is {x.dtype} but the net's parameters are {dtype}: use the same dtype for both "
+                f"(e.g. Trainer(precision='64-true') for float64 nets, or net.float())")
 
     # -- set-up ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -151,7 +192,7 @@ class BackdoorClassifier(LightningModule):
                 if dm is None or not hasattr(dm, "defense_dataloader"):
                     raise RuntimeError(f"loss term {term.name!r} needs benign data to fit; use a BackdoorDataModule "
                                        "or call term.fit(model, benign) before training")
-                term.fit(self.net, dm.defense_dataloader())
+                term.fit(self.logits_net, dm.defense_dataloader())
                 k = getattr(term, "k", None)
                 if k is not None:
                     for logger in self.loggers:
@@ -180,18 +221,23 @@ class BackdoorClassifier(LightningModule):
         x, y = b.x, b.y
         poisoned = b.poisoned if b.poisoned is not None else torch.zeros_like(y, dtype=torch.bool)
         original_y = b.original_y
-        logits = self.net(x)
+        logits = self._logits(x, "train")
         loss_bd = F.cross_entropy(logits, y)
         main_weight = 1.0
         extra = torch.zeros((), device=loss_bd.device)
         for term in self.loss_terms:
             main_weight *= float(getattr(term, "main_weight", 1.0))
-            value = term(self.net, x, y, poisoned, original_y, self.target, logits=logits)
+            value = term(self.logits_net, x, y, poisoned, original_y, self.target, logits=logits)
             if value is None:
                 continue
             extra = extra + value
             self.log(f"train/loss/{term.name}", value.detach(), on_step=True, on_epoch=True, batch_size=len(x))
         loss = main_weight * loss_bd + extra
+        if not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError(
+                f"training diverged: the loss is {float(loss.detach())} at global step {self.global_step} (L_bd "
+                f"{float(loss_bd.detach())}); the weights would turn NaN from here. Lower the learning rate or clip "
+                "gradients (Trainer(gradient_clip_val=5.0), as configs/adaptive/*.yaml do)")
         n = len(x)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         if len(self.loss_terms):
@@ -212,7 +258,7 @@ class BackdoorClassifier(LightningModule):
     def _eval_step(self, stage: str, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         b = parse_batch(batch, require_labels=True)
         x, y, original_y = b.x, b.y, b.original_y
-        logits = self.net(x)
+        logits = self._logits(x, stage)
         n = len(x)
         if dataloader_idx == 0:
             metric = self.metrics[f"{stage}_ba"]
@@ -233,6 +279,6 @@ class BackdoorClassifier(LightningModule):
             for i, sigma in enumerate(self.noise_sigmas):
                 noisy = (x + sigma * noise).clamp_(0, 1)
                 m = self.metrics[f"{stage}_asr_noise{i}"]
-                m.update(self.net(noisy), original_y, self.target)
+                m.update(self(noisy), original_y, self.target)
                 self.log(f"{stage}/{noise_key(sigma)}", m, on_step=False, on_epoch=True,
                          add_dataloader_idx=False, batch_size=n)

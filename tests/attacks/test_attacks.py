@@ -262,8 +262,12 @@ def test_blended_errors():
 # -- WaNet ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES)
 def test_wanet_zero_strength_identity(shape):
+    """s = 0 is the identity warp in the functional core, hence refused as a trigger by the WaNet attack."""
     x = _rand(2, *shape)
-    torch.testing.assert_close(WaNet(s=0.0)(x), x, rtol=0, atol=1e-6)
+    grid = functional.wanet_grid(functional.wanet_noise(4, generator=functional.seeded_generator(0)), *shape[-2:], s=0.0)
+    torch.testing.assert_close(functional.warp(x, grid), x, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="s must be > 0"):
+        WaNet(s=0.0)
 
 
 def test_wanet_warps_smoothly_and_keeps_range():
@@ -300,7 +304,7 @@ def test_wanet_cover_noise_mode():
         ({"k": 1}, ValueError, "k must be >= 2"),
         ({"k": 0}, ValueError, "k must be >= 1"),
         ({"k": 4.0}, TypeError, "k must be an int"),
-        ({"s": -0.5}, ValueError, "s must be >= 0"),
+        ({"s": -0.5}, ValueError, "s must be > 0"),
         ({"s": float("nan")}, TypeError, "s must be a finite"),
         ({"grid_rescale": 0}, ValueError, "grid_rescale must be > 0"),
         ({"cross_ratio": -1}, ValueError, "cross_ratio must be >= 0"),

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_backdoor import BackdoorClassifier, BackdoorDataModule
 from lightning_backdoor.attacks import BadNets
 from lightning_backdoor.callbacks import BackdoorMetrics, DetectionCallback
-from lightning_backdoor.detectors import IBDPSC, ScaleUp, Strip
+from lightning_backdoor.detectors import IBDPSC, Detector, ScaleUp, Strip
 from lightning_backdoor.wandb_utils import read_offline_run
 
 METRICS = ("auroc", "f1", "tpr@fpr1", "tpr@fpr5")
@@ -83,14 +83,62 @@ def test_metrics_equal_sklearn_on_the_detectors_scores(tiny_net):
     assert got["test/strip/f1"] == pytest.approx(f1_score(labels, scores > -0.5), abs=1e-5)
 
 
-def test_successful_only_metrics_use_only_successful_samples(tiny_net):
-    cb = DetectionCallback([ScaleUp()], stages=("test",), max_samples=50, progress=False)
-    trainer = _trainer([cb], limit_train_batches=1)
-    trainer.test(BackdoorClassifier(tiny_net), _dm())
-    keys = set(trainer.callback_metrics)
-    # untrained net: predictions are rarely right, so either the subset is used or skipped with a warning,
-    # never silently equal to the all-samples metrics by construction
-    assert "test/scale_up/auroc" in keys
+class HashNet(nn.Module):
+    """Deterministic pseudo-random predictions from the pixels: some benign right, some poisoned on the target."""
+
+    num_classes, in_channels = 10, 1
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        cls = (x.double().mean(dim=(1, 2, 3)) * 1e5).long() % 10
+        return F.one_hot(cls, 10).float() * 10 + self.dummy
+
+
+class MeanPixel(Detector):
+    """score = mean pixel; records every batch it scores."""
+
+    name = "mean_pixel"
+
+    def __init__(self):
+        super().__init__(threshold=0.2)
+        self.batches = []
+
+    def score(self, model, x):
+        self.batches.append(x.detach().clone())
+        return x.double().mean(dim=(1, 2, 3))
+
+
+def _eval_sets(dm, n, seed=0):
+    from lightning_backdoor.utils import random_subset
+
+    dm.setup()
+    pos_b, pos_p = random_subset(len(dm.test_clean), n, seed), random_subset(len(dm.test_poisoned), n, seed)
+    xb = torch.stack([dm.test_clean[i].x for i in pos_b.tolist()])
+    yb = torch.tensor([dm.test_clean[i].y for i in pos_b.tolist()])
+    xp = torch.stack([dm.test_poisoned[i].x for i in pos_p.tolist()])
+    return xb, yb, xp, pos_b, pos_p
+
+
+def test_successful_only_metrics_use_only_successful_samples():
+    dm, net = _dm(), HashNet()
+    cb = DetectionCallback([MeanPixel()], stages=("test",), max_samples=200, progress=False, plots=False)
+    _trainer([cb]).test(BackdoorClassifier(net), dm)
+    xb, yb, xp, _, _ = _eval_sets(dm, 200)
+    sb, sp = xb.double().mean(dim=(1, 2, 3)), xp.double().mean(dim=(1, 2, 3))
+    ok_b, ok_p = net(xb).argmax(1) == yb, net(xp).argmax(1) == 0
+    assert 5 <= int(ok_b.sum()) < 200 and 5 <= int(ok_p.sum()) < 200  # a real subset on both sides
+    labels_all = [0] * 200 + [1] * 200
+    scores_all = torch.cat([sb, sp]).numpy()
+    labels_ok = [0] * int(ok_b.sum()) + [1] * int(ok_p.sum())
+    scores_ok = torch.cat([sb[ok_b], sp[ok_p]]).numpy()
+    got = cb.last_results
+    assert got["test/mean_pixel/auroc"] == pytest.approx(roc_auc_score(labels_all, scores_all), abs=1e-6)
+    assert got["test/mean_pixel/successful/auroc"] == pytest.approx(roc_auc_score(labels_ok, scores_ok), abs=1e-6)
+    assert got["test/mean_pixel/successful/f1"] == pytest.approx(f1_score(labels_ok, scores_ok > 0.2), abs=1e-6)
+    assert got["test/mean_pixel/successful/auroc"] != pytest.approx(got["test/mean_pixel/auroc"], abs=1e-3)
 
 
 def test_works_in_a_foreign_lightning_module_with_user_loaders():
@@ -165,13 +213,25 @@ def test_bad_arguments(kwargs, match):
         DetectionCallback(**args)
 
 
-def test_noise_copies_double_the_samples_and_keep_rank_independent_noise(tiny_net):
-    cb = DetectionCallback([ScaleUp()], stages=("test",), max_samples=30, noise_copies=True, progress=False)
-    trainer = _trainer([cb])
-    trainer.test(BackdoorClassifier(tiny_net), _dm())
-    assert "test/scale_up/auroc" in trainer.callback_metrics
+def test_noise_copies_double_the_samples_and_keep_rank_independent_noise():
+    dm, net, det = _dm(), HashNet(), MeanPixel()
+    cb = DetectionCallback([det], stages=("test",), max_samples=30, noise_copies=True, noise_magnitude=0.05, seed=3,
+                           progress=False, plots=False)
+    _trainer([cb]).test(BackdoorClassifier(net), dm)
+    scored = torch.cat(det.batches)
+    assert len(scored) == 2 * (30 + 30)  # every benign and poisoned sample, plus its noisy copy
+    assert cb.last_num_scored == {"benign": 30, "poisoned": 30}
     from lightning_backdoor.callbacks._evaluation import per_sample_noise
 
+    xb, _, xp, pos_b, pos_p = _eval_sets(dm, 30, seed=3)  # the callback's seed draws its capped subsets
+    # eval batch 50 > 30: one batch per set, the clean batch then its noisy copy (noise seeded by set and position)
+    noisy_b, noisy_p = per_sample_noise(xb, pos_b, 0.05, 3 * 2 + 0), per_sample_noise(xp, pos_p, 0.05, 3 * 2 + 1)
+    torch.testing.assert_close(scored, torch.cat([xb, noisy_b, xp, noisy_p]))
+    assert float((noisy_b - xb).abs().max()) > 0.01
+    labels = [0] * 60 + [1] * 60
+    ref = torch.cat([xb, noisy_b, xp, noisy_p]).double().mean(dim=(1, 2, 3)).numpy()
+    assert cb.last_results["test/mean_pixel/auroc"] == pytest.approx(roc_auc_score(labels, ref), abs=1e-6)
+    # the noisy copy of a sample does not depend on the batch it lands in
     x = torch.rand(4, 1, 5, 5)
     a = per_sample_noise(x, torch.tensor([0, 1, 2, 3]), 0.05, 0)
     b = per_sample_noise(x[2:], torch.tensor([2, 3]), 0.05, 0)

@@ -289,8 +289,9 @@ def test_registry_and_hparams():
     "kwargs, exc, match",
     [
         ({"scales": ()}, ValueError, "non-empty"),
-        ({"scales": (3, 0)}, ValueError, "> 0"),
-        ({"scales": (3, -1.5)}, ValueError, "> 0"),
+        ({"scales": (3, 0)}, ValueError, "> 1"),
+        ({"scales": (3, -1.5)}, ValueError, "> 1"),
+        ({"scales": (3, 1.0)}, ValueError, "n = 1 is the identity"),
         ({"scales": (3, "5")}, TypeError, "real numbers"),
         ({"scales": 3}, TypeError, "sequence"),
         ({"scales": (3, float("nan"))}, ValueError, "finite"),

@@ -191,3 +191,36 @@ def test_bad_model_or_k():
         IBDPSCAdaptiveLoss(design=2, k=1, num_classes=5)(net_(), x, y, poisoned, original_y, 2)
     with pytest.raises(ValueError, match="target"):
         IBDPSCAdaptiveLoss(design=2, k=1)(net_(), x, y, poisoned, original_y, 7)
+
+
+def test_resumed_fit_keeps_the_selected_k(tmp_path, monkeypatch):
+    """Resuming must not re-run layer selection on the partly adapted model: the checkpoint's k stands."""
+    import lightning as L
+
+    from lightning_backdoor import BackdoorClassifier, BackdoorDataModule
+    from lightning_backdoor.attacks import BadNets
+    from tiny_net import TinyResNet
+
+    def run(max_epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        term = IBDPSCAdaptiveLoss(design=1, alpha=0.5, k="auto", omega=3.0, xi=0.0)
+        module = BackdoorClassifier(TinyResNet(), losses=[term])
+        dm = BackdoorDataModule("mnist5k", attack=BadNets(), val_size=0, defense_size=40, batch_size=32)
+        trainer = L.Trainer(max_epochs=max_epochs, limit_train_batches=2, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                            enable_checkpointing=False)
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        return trainer, term
+
+    trainer, term = run(1)
+    assert term.fitted and term.k is not None
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    saved_k = term.k
+
+    calls = []
+    original_fit = IBDPSCAdaptiveLoss.fit
+    monkeypatch.setattr(IBDPSCAdaptiveLoss, "fit", lambda self, *a: calls.append(1) or original_fit(self, *a))
+    _, resumed = run(2, ckpt_path=str(tmp_path / "mid.ckpt"))
+    assert calls == [] and resumed.k == saved_k  # restored, not selected again
+    _, fresh = run(1)
+    assert calls == [1]  # a fresh fit does select

@@ -153,3 +153,23 @@ def test_loss_terms_combine_and_are_logged(tiny_net):
     for m in step_logs:
         assert m["train/loss_step"] == pytest.approx(0.5 * m["train/loss/bd_step"] + 1.25, rel=1e-5)
         assert m["train/loss/constant_step"] == pytest.approx(1.25)
+
+
+def test_a_diverging_loss_stops_training_with_a_clear_error(tiny_net):
+    """Never keep training on NaN weights: a non-finite loss raises, naming the step and what to do."""
+    import lightning as L
+
+    from lightning_backdoor import BackdoorClassifier, BackdoorDataModule
+    from lightning_backdoor.attacks import BadNets
+    from lightning_backdoor.losses import LossTerm
+
+    class Exploding(LossTerm):
+        name = "exploding"
+
+        def forward(self, model, x, y, poisoned, original_y, target=None, logits=None):
+            return logits.sum() * float("inf")
+
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(FloatingPointError, match=r"training diverged.*global step 0.*gradient_clip_val"):
+        trainer.fit(BackdoorClassifier(tiny_net, losses=[Exploding()]), BackdoorDataModule("mnist5k", attack=BadNets()))

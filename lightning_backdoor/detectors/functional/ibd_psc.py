@@ -44,6 +44,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 
 from ...validation import check_choice, check_positive_float, check_positive_int, check_probability
+from ...models.outputs import check_logits
 from ...utils import evaluating, model_device, preserved_rng
 from .shared_prefix import SharedPrefixRunner
 
@@ -62,6 +63,8 @@ __all__ = [
 ]
 
 LAYER_RANGES = ("paper", "published")
+#: Why an amplification factor omega <= 1 is refused.
+OMEGA_WHY = "IBD-PSC amplifies the BN parameters; omega <= 1 shrinks them or changes nothing, and the method loses its meaning"
 # Layers IBD-PSC amplifies. SyncBatchNorm is what BatchNorm2d becomes under Lightning's sync_batchnorm.
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -351,7 +354,7 @@ def amplified_layer_counts(k: int, n: int, num_layers: int, layer_range: str = "
 def _batched_argmax_errors(model: nn.Module, x: Tensor, y: Tensor, layers: Sequence[str], omega: float, batch_size: int) -> float:
     wrong = 0
     for i in range(0, len(x), batch_size):
-        logits = amplified_forward(model, x[i : i + batch_size], layers, omega)
+        logits = check_logits(amplified_forward(model, x[i : i + batch_size], layers, omega))
         wrong += int((logits.argmax(-1) != y[i : i + batch_size]).sum())
     return wrong / len(x)
 
@@ -484,7 +487,7 @@ def ibd_psc_score(
             outs = run_amplified(runner, x, sets, omega)
         else:
             outs = [amplified_forward(model, x, s, omega) for s in sets]
-        pred = outs[0].argmax(-1, keepdim=True)
+        pred = check_logits(outs[0]).argmax(-1, keepdim=True)
         # float64 softmax: poisoned PSC values sit within 1e-8 of 1, where float32 would tie them
         probs = torch.stack([o.double().softmax(-1).gather(-1, pred).squeeze(-1) for o in outs[1:]])
     return probs.mean(0)

@@ -18,13 +18,14 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ...models.outputs import check_logits
 from ...utils import evaluating
 
 DEFAULT_SCALES: Tuple[float, ...] = (3.0, 5.0, 7.0, 9.0, 11.0)
 
 
 def check_scales(scales: object, name: str = "scales") -> Tuple[float, ...]:
-    """Return ``scales`` as a tuple of positive finite floats, raising on anything else."""
+    """Return ``scales`` as a tuple of finite floats ``> 1`` (amplification factors), raising on anything else."""
     if isinstance(scales, Tensor):
         scales = scales.flatten().tolist()
     if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
@@ -36,8 +37,9 @@ def check_scales(scales: object, name: str = "scales") -> Tuple[float, ...]:
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{name} must contain real numbers, got {v!r} in {scales!r}")
-        if not math.isfinite(float(v)) or v <= 0:
-            raise ValueError(f"{name} must contain finite numbers > 0, got {v!r} in {scales!r}")
+        if not math.isfinite(float(v)) or v <= 1:
+            raise ValueError(f"{name} must contain finite numbers > 1, got {v!r} in {scales!r} (SCALE-UP multiplies "
+                             "pixel values by n > 1; n = 1 is the identity and n < 1 darkens the image instead)")
         out.append(float(v))
     return tuple(out)
 
@@ -46,10 +48,7 @@ def _argmax_logits(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
     """Predicted labels of ``images`` in forwards of at most ``batch_size`` images."""
     preds = []
     for start in range(0, len(images), batch_size):
-        logits = model(images[start : start + batch_size])
-        if not isinstance(logits, Tensor) or logits.dim() != 2:
-            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(f"model must return logits of shape [N, num_classes], got {got}")
+        logits = check_logits(model(images[start : start + batch_size]))
         preds.append(logits.argmax(dim=1))
     return torch.cat(preds)
 

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ...models.outputs import check_logits
 from ...utils import evaluating
 from ...validation import check_positive_int
 
@@ -146,9 +147,6 @@ def strip_entropy(
         for start in range(0, num * n, batch_size):
             sl = slice(start, start + batch_size)
             blended = superimpose(x[flat_input[sl]], pool[flat_pool[sl]], mode)
-            logits = model(blended)
-            if not isinstance(logits, Tensor) or logits.dim() != 2:
-                got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-                raise ValueError(f"model must return logits of shape [N, num_classes], got {got}")
+            logits = check_logits(model(blended))
             entropies.append(entropy_over_classes(logits))
     return -torch.cat(entropies).view(num, n).mean(dim=1)
