@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..detectors.base import Detector, collect_benign
@@ -65,8 +65,11 @@ class DetectionCallback(EvaluationEndHooks, Callback):
       benign labels: without them these keys are not logged, with a warning);
     - ``{stage}/{det}/relative_cost``: detector time per image / plain forward time per image;
     - ``{stage}/{det}/k`` for detectors with a selected layer count (IBD-PSC);
-    - with a ``WandbLogger`` and ``plots=True``: ``{stage}/{det}/roc`` and ``{stage}/{det}/scores``
-      images (ROC curve; benign vs poisoned score histograms).
+    - with ``plots=True``, W&B-native charts that W&B can overlay across runs: ``{stage}/{det}/roc_curve``
+      (a ``wandb.plot.line`` over a ``wandb.Table`` of ``fpr``/``tpr``), ``{stage}/{det}/scores_benign`` and
+      ``/scores_poisoned`` (``wandb.Histogram``), plus the ``{stage}/{det}/roc`` and ``/scores`` images;
+      TensorBoard loggers get the two images (``add_image``); other loggers the scalars only;
+    - with ``sample_table=N``: ``{stage}/detection_samples``, a per-sample ``wandb.Table`` (W&B only).
 
     When: at the end of each validation (every ``every_n_epochs`` epochs during ``fit``) and test run,
     once — after the last batch of the last evaluation dataloader, so the values appear once in the
@@ -100,6 +103,9 @@ class DetectionCallback(EvaluationEndHooks, Callback):
         progress: show a progress bar while scoring (only when the Trainer shows progress bars).
         seed: seeds the capped subsets and the noise copies.
         name: distinguishes the checkpoint state of two callbacks with the same detectors.
+        sample_table: log a per-sample ``wandb.Table`` ``{stage}/detection_samples`` (set, position, true
+            label, prediction, noisy copy or not, one score column per detector) of at most this many rows
+            (a seeded random sample of the scored inputs); None: no table.
     """
 
     def __init__(
@@ -121,6 +127,7 @@ class DetectionCallback(EvaluationEndHooks, Callback):
         progress: bool = True,
         seed: int = 0,
         name: Optional[str] = None,
+        sample_table: Optional[int] = None,
     ) -> None:
         detectors = list(detectors)
         if not detectors:
@@ -159,6 +166,7 @@ class DetectionCallback(EvaluationEndHooks, Callback):
         self.target, self.model_attr, self.output_key = target, model_attr, check_output_key(output_key)
         self.plots, self.progress, self.seed = check_bool(plots, "plots"), check_bool(progress, "progress"), check_seed(seed)
         self.name = name
+        self.sample_table = check_optional_positive_int(sample_table, "sample_table")
         self.last_results: Dict[str, float] = {}
         self.last_num_scored: Dict[str, int] = {}
 
@@ -250,6 +258,8 @@ class DetectionCallback(EvaluationEndHooks, Callback):
             k = getattr(det, "k", None)
             if isinstance(k, int):
                 values[f"{prefix}/{det.name}/k"] = float(k)
+        if results["rows"] is not None:
+            self._sample_table(trainer, prefix, results["rows"])
         log_once(pl_module, values)
         self.last_results = values
 
@@ -281,6 +291,9 @@ class DetectionCallback(EvaluationEndHooks, Callback):
         sets = [(benign, False, 0), (poisoned, True, 1)]
         self.last_num_scored = {}
         copies = [False, True] if self.noise_copies else [False]
+        rows: Dict[str, List[Tensor]] = {"set": [], "position": [], "noisy": [], "label": [], "pred": []}
+        rows.update({f"score/{d.name}": [] for d in active})
+        keep_rows = self.sample_table is not None
         try:
             from tqdm.auto import tqdm
         except ImportError:  # pragma: no cover
@@ -313,6 +326,12 @@ class DetectionCallback(EvaluationEndHooks, Callback):
                             raise ValueError("DetectionCallback: the benign loader's batches carry no labels, which the "
                                              "'successful only' metrics need (benign inputs predicted correctly); "
                                              "use (x, y) batches")
+                    if keep_rows:
+                        rows["set"].append(torch.full((len(xb),), set_id, dtype=torch.long, device=device))
+                        rows["position"].append(pos.to(device).long())
+                        rows["noisy"].append(torch.full((len(xb),), int(noisy), dtype=torch.long, device=device))
+                        rows["label"].append(y.long() if y is not None else torch.full_like(preds, -1))
+                        rows["pred"].append(preds.long())
                     for det in active:
                         t0 = time.perf_counter()
                         if det.accepts_sample_ids:
@@ -322,11 +341,13 @@ class DetectionCallback(EvaluationEndHooks, Callback):
                         _sync(device)
                         det_time[det.name] += time.perf_counter() - t0
                         metrics[det.name][""].update(scores, label)
+                        if keep_rows:
+                            rows[f"score/{det.name}"].append(scores.double())
                         if ok is not None and bool(ok.any()):
                             metrics[det.name]["/successful"].update(scores[ok], label[ok])
         per_fwd = fwd_time / max(fwd_images, 1)
         cost = {name: (t / max(fwd_images, 1)) / per_fwd if per_fwd > 0 else float("nan") for name, t in det_time.items()}
-        return {"metrics": metrics, "cost": cost}
+        return {"metrics": metrics, "cost": cost, "rows": rows if keep_rows else None}
 
     @staticmethod
     def _counts(metric: DetectionMetrics) -> Tuple[int, int]:
@@ -338,10 +359,11 @@ class DetectionCallback(EvaluationEndHooks, Callback):
         return int(counts[0]), int(counts[1])
 
     def _plot(self, trainer: Trainer, prefix: str, det: Detector, metric: DetectionMetrics) -> None:
-        from lightning.pytorch.loggers import WandbLogger
+        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if not loggers:
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not wandb_loggers and not tb_loggers:
             return
         from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -352,12 +374,61 @@ class DetectionCallback(EvaluationEndHooks, Callback):
         if trainer.global_rank != 0:
             return
         try:
-            from ..plots import roc_and_histogram
+            from ..plots import roc_and_histogram, roc_points
 
-            roc_img, hist_img = roc_and_histogram(scores.cpu(), labels.cpu(), title=f"{prefix}/{det.name}",
-                                                  threshold=det.threshold)
-            for lg in loggers:
-                lg.log_image(key=f"{prefix}/{det.name}/roc", images=[roc_img], step=trainer.global_step)
-                lg.log_image(key=f"{prefix}/{det.name}/scores", images=[hist_img], step=trainer.global_step)
+            scores, labels = scores.cpu(), labels.cpu()
+            roc_img, hist_img = roc_and_histogram(scores, labels, title=f"{prefix}/{det.name}", threshold=det.threshold)
+            step = trainer.global_step
+            for lg in wandb_loggers:
+                import wandb
+
+                fpr, tpr = roc_points(scores, labels)
+                table = wandb.Table(columns=["fpr", "tpr"], data=[[float(a), float(b)] for a, b in zip(fpr, tpr)])
+                lg.experiment.log({
+                    f"{prefix}/{det.name}/roc_curve": wandb.plot.line(table, "fpr", "tpr", title=f"ROC {prefix}/{det.name}"),
+                    f"{prefix}/{det.name}/scores_benign": wandb.Histogram(scores[labels == 0].numpy()),
+                    f"{prefix}/{det.name}/scores_poisoned": wandb.Histogram(scores[labels == 1].numpy()),
+                    "trainer/global_step": step,
+                })
+                lg.log_image(key=f"{prefix}/{det.name}/roc", images=[roc_img], step=step)
+                lg.log_image(key=f"{prefix}/{det.name}/scores", images=[hist_img], step=step)
+            for lg in tb_loggers:
+                lg.experiment.add_image(f"{prefix}/{det.name}/roc", roc_img, step, dataformats="HWC")
+                lg.experiment.add_image(f"{prefix}/{det.name}/scores", hist_img, step, dataformats="HWC")
         except Exception as e:  # plots must never break training
             rank_zero_warn(f"DetectionCallback: could not log plots for {prefix}/{det.name}: {e!r}")
+
+    def _sample_table(self, trainer: Trainer, prefix: str, rows: Dict[str, List[Tensor]]) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not rows["set"]:
+            return
+        cols = {k: torch.cat(v) for k, v in rows.items() if v}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from torchmetrics.utilities.distributed import gather_all_tensors
+
+            cols = {k: torch.cat(gather_all_tensors(v)) for k, v in cols.items()}
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if trainer.global_rank != 0 or not loggers:
+            return
+        try:
+            import wandb
+
+            from ..utils import random_subset
+
+            n = len(cols["set"])
+            keep = random_subset(n, self.sample_table, self.seed)
+            names = list(cols)
+            data = []
+            for i in keep.tolist():
+                row = []
+                for k in names:
+                    v = cols[k][i].item()
+                    row.append(("benign", "poisoned")[int(v)] if k == "set" else bool(v) if k == "noisy" else v)
+                data.append(row)
+            columns = [k.replace("score/", "") + ("_score" if k.startswith("score/") else "") for k in names]
+            for lg in loggers:
+                lg.experiment.log({f"{prefix}/detection_samples": wandb.Table(columns=columns, data=data),
+                                   "trainer/global_step": trainer.global_step})
+        except Exception as e:  # tables must never break training
+            rank_zero_warn(f"DetectionCallback: could not log the sample table for {prefix}: {e!r}")

@@ -1,5 +1,6 @@
 """DetectionCallback: documented keys, numbers against sklearn on the detectors' own scores, foreign modules."""
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -245,7 +246,7 @@ def test_wandb_offline_run_records_detector_metrics(tiny_net, tmp_path, monkeypa
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(project="lb-test", save_dir=str(tmp_path), offline=True)
-    cb = DetectionCallback([ScaleUp(), Strip(n=3)], stages=("test",), max_samples=40, progress=False)
+    cb = DetectionCallback([ScaleUp(), Strip(n=3)], stages=("test",), max_samples=40, progress=False, sample_table=25)
     trainer = _trainer([cb], logger=logger)
     trainer.test(BackdoorClassifier(tiny_net), _dm())
     expected = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -257,3 +258,13 @@ def test_wandb_offline_run_records_detector_metrics(tiny_net, tmp_path, monkeypa
     for key in ("test/scale_up/roc", "test/strip/scores"):  # plots logged as images
         assert summary[f"{key}/_type"].startswith("images")
         assert (run_dir / "files" / summary[f"{key}/filenames"][0]).is_file()
+    # W&B-native charts: ROC as a table behind wandb.plot.line, histograms of both classes
+    for det in ("scale_up", "strip"):
+        assert summary[f"test/{det}/roc_curve_table/_type"] == "table-file"
+        roc = json.loads((run_dir / "files" / summary[f"test/{det}/roc_curve_table/path"]).read_text())
+        assert roc["columns"] == ["fpr", "tpr"] and roc["data"][0] == [0.0, 0.0] and roc["data"][-1] == [1.0, 1.0]
+        for part in ("benign", "poisoned"):
+            assert sum(summary[f"test/{det}/scores_{part}/values"]) == 40  # every scored input once
+    table = json.loads((run_dir / "files" / summary["test/detection_samples/path"]).read_text())
+    assert table["columns"] == ["set", "position", "noisy", "label", "pred", "scale_up_score", "strip_score"]
+    assert len(table["data"]) == 25 and {r[0] for r in table["data"]} <= {"benign", "poisoned"}
