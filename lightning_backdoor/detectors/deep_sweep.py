@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import evaluating
-from ..validation import check_positive_int, check_real, check_seed
+from ..validation import check_optional_positive_int, check_positive_int, check_real, check_seed
 from .base import DETECTORS, Detector
 from .functional.consistency import check_sample_ids, per_sample_generators
 from .functional.deep_sweep import (
@@ -44,7 +44,8 @@ class DeepSweep(Detector):
         transforms: which transformations to use (any of ``DEEP_SWEEP_TRANSFORMS``).
         n_affine: random affine copies per input.
         threshold: ``predict`` flags ``score > threshold`` (default 0.5).
-        batch_size: maximum images per forward pass.
+        batch_size: None (each forward is the size of the scored batch, one per copy) or a cap on
+            the images per forward.
         seed: seed of the affine parameters.
 
     Example:
@@ -58,11 +59,11 @@ class DeepSweep(Detector):
     accepts_sample_ids = True
 
     def __init__(self, transforms: Sequence[str] = DEEP_SWEEP_TRANSFORMS, n_affine: int = 4, threshold: float = 0.5,
-                 batch_size: int = 4096, seed: int = 0) -> None:
+                 batch_size: Optional[int] = None, seed: int = 0) -> None:
         super().__init__(check_real(threshold, "threshold"))
         self.transforms = check_transforms(transforms)
         self.n_affine = check_positive_int(n_affine, "n_affine")
-        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.batch_size = check_optional_positive_int(batch_size, "batch_size")
         self.seed = check_seed(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import evaluating
-from ..validation import check_positive_int, check_real, check_seed
+from ..validation import check_optional_positive_int, check_positive_int, check_real, check_seed
 from .base import DETECTORS, Detector
 from .functional.consistency import check_sample_ids, per_sample_generators
 from .functional.shrink_pad import check_shrink, shrink_pad_score
@@ -41,7 +41,8 @@ class ShrinkPad(Detector):
         n: random paddings per input.
         threshold: ``predict`` flags ``score > threshold`` (default 0.5: more than half the paddings
             change the label).
-        batch_size: maximum images per forward pass (an input block and its ``n`` copies go together).
+        batch_size: None (each forward is the size of the scored batch, one per copy) or a cap on
+            the images per forward.
         seed: seed of the offsets.
 
     Example:
@@ -54,12 +55,12 @@ class ShrinkPad(Detector):
     threat_model = "black-box, label-only, data-free"
     accepts_sample_ids = True
 
-    def __init__(self, shrink: int = 4, n: int = 8, threshold: float = 0.5, batch_size: int = 4096,
+    def __init__(self, shrink: int = 4, n: int = 8, threshold: float = 0.5, batch_size: Optional[int] = None,
                  seed: int = 0) -> None:
         super().__init__(check_real(threshold, "threshold"))
         self.shrink = check_positive_int(shrink, "shrink")
         self.n = check_positive_int(n, "n")
-        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.batch_size = check_optional_positive_int(batch_size, "batch_size")
         self.seed = check_seed(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import evaluating
-from ..validation import check_choice, check_positive_int, check_real, check_seed
+from ..validation import check_choice, check_optional_positive_int, check_positive_int, check_real, check_seed
 from .base import DETECTORS, Detector
 from .functional.consistency import check_sample_ids
 from .functional.teco import (
@@ -51,7 +51,8 @@ class TeCo(Detector):
         severities: severities tried, increasing, in 1...5 (default all five).
         threshold: ``predict`` flags ``score > threshold``; default 1.0 (severity spread of one level).
         backend: ``"torch"`` or ``"reference"``.
-        batch_size: maximum images per forward pass (an input block and its ``T * S`` copies go together).
+        batch_size: None (each forward is the size of the scored batch, one per copy) or a cap on
+            the images per forward.
         seed: seed of the corruptions' randomness.
 
     Example:
@@ -70,14 +71,14 @@ class TeCo(Detector):
         severities: Sequence[int] = SEVERITIES,
         threshold: float = 1.0,
         backend: str = "torch",
-        batch_size: int = 4096,
+        batch_size: Optional[int] = None,
         seed: int = 0,
     ) -> None:
         super().__init__(check_real(threshold, "threshold"))
         self.corruptions = check_corruptions(corruptions)
         self.severities = check_severities(severities)
         self.backend = check_choice(backend, "backend", TECO_BACKENDS)
-        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.batch_size = check_optional_positive_int(batch_size, "batch_size")
         self.seed = check_seed(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 

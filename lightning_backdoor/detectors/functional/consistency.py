@@ -2,33 +2,33 @@
 
 Several label-only detectors (ShrinkPad, DeepSweep, TeCo; docs/methods.md §4) classify transformed
 copies of each input and compare their labels with the label of the input itself. This module holds
-the shared part: build the copies block by block, classify the input and its copies together in as
-few forwards as ``batch_size`` allows, and return the labels.
+the shared part: classify the batch, then each copy of the batch in turn, and return the labels.
 
-    pred, labels = variant_labels(model, x, make_variants, num_variants=8)   # [N], [8, N]
+    pred, labels = variant_labels(model, x, make_variant, num_variants=8)    # [N], [8, N]
     change = (labels != pred).float().mean(dim=0)                            # share of changed labels
 """
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ...utils import evaluating
-from ...validation import check_positive_int
+from ...validation import check_optional_positive_int, check_positive_int
 
-#: ``make_variants(x_block, start) -> Tensor[V * len(x_block), C, H, W]``, variant-major: rows
-#: ``v * len(x_block) + i`` hold variant ``v`` of input ``start + i``. Must not modify ``x_block``.
+#: ``make_variant(x, v) -> Tensor[len(x), C, H, W]``: copy ``v`` (``0 <= v < num_variants``) of every
+#: input. Must return a new tensor and never modify ``x``.
 VariantFn = Callable[[Tensor, int], Tensor]
 
 
-def predicted_labels(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
-    """``argmax`` of the model's logits for ``images``, in forwards of at most ``batch_size`` images."""
+def predicted_labels(model: nn.Module, images: Tensor, batch_size: Optional[int] = None) -> Tensor:
+    """``argmax`` of the model's logits for ``images``, in forwards of at most ``batch_size`` images (None: one)."""
+    step = max(1, len(images)) if batch_size is None else batch_size
     preds = []
-    for start in range(0, len(images), batch_size):
-        logits = model(images[start:start + batch_size])
+    for start in range(0, len(images), step):
+        logits = model(images[start:start + step])
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise ValueError(f"model must return logits of shape [N, num_classes], got {got}")
@@ -37,44 +37,43 @@ def predicted_labels(model: nn.Module, images: Tensor, batch_size: int) -> Tenso
 
 
 def variant_labels(
-    model: nn.Module, x: Tensor, make_variants: VariantFn, num_variants: int, *, batch_size: int = 4096
+    model: nn.Module, x: Tensor, make_variant: VariantFn, num_variants: int, *, batch_size: Optional[int] = None
 ) -> Tuple[Tensor, Tensor]:
     """Labels of ``x`` and of ``num_variants`` transformed copies of every input.
 
-    Inputs are processed in blocks of ``batch_size // (1 + num_variants)`` (at least one): each block
-    and its copies are stacked and classified together, so the cost is ``1 + num_variants`` plain
-    forward passes per input plus the transformations. The model runs in eval mode without gradients
-    (its modes are restored); ``x`` is never modified.
+    The batch is classified once, then each copy of the whole batch is made and classified in turn,
+    so every forward is as large as the caller's batch (capped at ``batch_size`` images when given)
+    and only one copy is in memory at a time: the cost is ``1 + num_variants`` plain forward passes at
+    the caller's batch size, plus the transformations. (One forward of many stacked copies is slower
+    per image on a CPU than several of the caller's size; see ``benchmarks/bench_detectors.py``.) The
+    model runs in eval mode without gradients (its modes are restored); ``x`` is never modified.
 
     Returns:
         ``(pred[N], labels[num_variants, N])``: the label of each input and of each of its copies.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-        >>> flip = lambda xb, start: xb.flip(-1)
+        >>> flip = lambda xb, v: xb.flip(-1)
         >>> pred, labels = variant_labels(net, torch.rand(4, 3, 2, 2), flip, 1)
         >>> pred.shape, labels.shape
         (torch.Size([4]), torch.Size([1, 4]))
     """
     check_positive_int(num_variants, "num_variants")
-    check_positive_int(batch_size, "batch_size")
+    check_optional_positive_int(batch_size, "batch_size")
     n = len(x)
     if n == 0:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
         return empty, empty.view(num_variants, 0)
-    chunk = max(1, batch_size // (1 + num_variants))
-    preds, labels = [], []
+    labels = []
     with evaluating(model):
-        for start in range(0, n, chunk):
-            xc = x[start:start + chunk]
-            variants = make_variants(xc, start)
-            expected = (num_variants * len(xc),) + tuple(xc.shape[1:])
-            if tuple(variants.shape) != expected:
-                raise ValueError(f"make_variants returned shape {tuple(variants.shape)}, expected {expected}")
-            out = predicted_labels(model, torch.cat([xc, variants]), batch_size).view(1 + num_variants, len(xc))
-            preds.append(out[0])
-            labels.append(out[1:])
-    return torch.cat(preds), torch.cat(labels, dim=1)
+        pred = predicted_labels(model, x, batch_size)
+        for v in range(num_variants):
+            copy = make_variant(x, v)
+            if tuple(copy.shape) != tuple(x.shape):
+                raise ValueError(f"make_variant returned shape {tuple(copy.shape)} for variant {v}, expected "
+                                 f"{tuple(x.shape)}")
+            labels.append(predicted_labels(model, copy.to(x.dtype), batch_size))
+    return pred, torch.stack(labels)
 
 
 def label_change_rate(pred: Tensor, labels: Tensor) -> Tensor:

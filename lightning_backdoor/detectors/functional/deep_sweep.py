@@ -112,24 +112,31 @@ def num_deep_sweep_variants(transforms: Sequence[str], n_affine: int) -> int:
     return sum(n_affine if t == "affine" else 1 for t in transforms)
 
 
-def deep_sweep_variants(x: Tensor, transforms: Sequence[str], affine_params: Tensor | None = None) -> Tensor:
-    """The transformed copies of ``x``, variant-major (``[V * N, C, H, W]``), in the order of ``transforms``.
-
-    ``affine_params``: ``[N, n_affine, 4]`` parameters of the affine copies (needed when ``"affine"`` is used).
-    """
-    out = []
+def deep_sweep_plan(transforms: Sequence[str], n_affine: int) -> list:
+    """The copies in order: ``(transform, affine copy index or -1)`` per variant."""
+    plan = []
     for t in transforms:
-        if t == "affine":
-            if affine_params is None or affine_params.dim() != 3 or affine_params.shape[0] != len(x):
-                raise ValueError(f"affine_params must have shape [{len(x)}, n_affine, 4] when 'affine' is used")
-            out.extend(affine(x, affine_params[:, v]) for v in range(affine_params.shape[1]))
-        else:
-            out.append(_FIXED[t](x))
-    return torch.cat(out)
+        plan.extend((t, v) for v in range(n_affine)) if t == "affine" else plan.append((t, -1))
+    return plan
+
+
+def deep_sweep_variant(x: Tensor, transform: str, affine_params: Tensor | None = None, copy: int = 0) -> Tensor:
+    """One transformed copy of every input (``affine_params[:, copy]`` for ``"affine"``); ``x`` is untouched."""
+    if transform == "affine":
+        if affine_params is None or affine_params.dim() != 3 or affine_params.shape[0] != len(x):
+            raise ValueError(f"affine_params must have shape [{len(x)}, n_affine, 4] when 'affine' is used")
+        return affine(x, affine_params[:, copy])
+    return _FIXED[transform](x)
+
+
+def deep_sweep_variants(x: Tensor, transforms: Sequence[str], affine_params: Tensor | None = None) -> Tensor:
+    """All transformed copies of ``x``, variant-major (``[V * N, C, H, W]``), in the order of ``transforms``."""
+    n_affine = affine_params.shape[1] if affine_params is not None else 0
+    return torch.cat([deep_sweep_variant(x, t, affine_params, v) for t, v in deep_sweep_plan(transforms, n_affine)])
 
 
 def deep_sweep_score(model: nn.Module, x: Tensor, transforms: Sequence[str] = DEEP_SWEEP_TRANSFORMS,
-                     affine_params: Tensor | None = None, *, batch_size: int = 4096) -> Tensor:
+                     affine_params: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
     """Share of the transformed copies of each input whose label differs from ``C(x)`` (``Tensor[N]`` in [0, 1]).
 
     Example:
@@ -142,11 +149,10 @@ def deep_sweep_score(model: nn.Module, x: Tensor, transforms: Sequence[str] = DE
     n_affine = affine_params.shape[1] if (affine_params is not None and "affine" in transforms) else 0
     if "affine" in transforms and n_affine == 0:
         raise ValueError("affine_params must hold at least one affine copy per input when 'affine' is used")
-    num = num_deep_sweep_variants(transforms, n_affine)
+    plan = deep_sweep_plan(transforms, n_affine)
 
-    def make(xc: Tensor, start: int) -> Tensor:
-        params = affine_params[start:start + len(xc)] if affine_params is not None else None
-        return deep_sweep_variants(xc, transforms, params)
+    def make(xc: Tensor, v: int) -> Tensor:
+        return deep_sweep_variant(xc, plan[v][0], affine_params, plan[v][1])
 
-    pred, labels = variant_labels(model, x, make, num, batch_size=batch_size)
+    pred, labels = variant_labels(model, x, make, len(plan), batch_size=batch_size)
     return label_change_rate(pred, labels)

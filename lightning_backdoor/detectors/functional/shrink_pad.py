@@ -56,7 +56,7 @@ def shrink_pad(x: Tensor, shrink: int, offsets: Tensor) -> Tensor:
     return out.clamp_(0.0, 1.0)
 
 
-def shrink_pad_score(model: nn.Module, x: Tensor, shrink: int, offsets: Tensor, *, batch_size: int = 4096,
+def shrink_pad_score(model: nn.Module, x: Tensor, shrink: int, offsets: Tensor, *, batch_size: int | None = None,
                      return_pred: bool = False):
     """Share of the paddings ``offsets[:, v]`` (``[N, n, 2]``) whose label differs from ``C(x)``.
 
@@ -75,9 +75,8 @@ def shrink_pad_score(model: nn.Module, x: Tensor, shrink: int, offsets: Tensor, 
         raise ValueError(f"offsets must have shape [{n_in}, n, 2], got {tuple(offsets.shape)}")
     num = offsets.shape[1]
 
-    def make(xc: Tensor, start: int) -> Tensor:
-        offs = offsets[start:start + len(xc)]
-        return torch.cat([shrink_pad(xc, shrink, offs[:, v]) for v in range(num)])
+    def make(xc: Tensor, v: int) -> Tensor:
+        return shrink_pad(xc, shrink, offsets[:, v])
 
     pred, labels = variant_labels(model, x, make, num, batch_size=batch_size)
     score = label_change_rate(pred, labels)

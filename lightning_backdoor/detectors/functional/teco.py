@@ -406,7 +406,7 @@ def teco_score(
     severities: Sequence[int] = SEVERITIES,
     *,
     backend: str = "torch",
-    batch_size: int = 4096,
+    batch_size: int | None = None,
     return_flips: bool = False,
 ):
     """TeCo score of each input (``Tensor[N]``, higher = more likely poisoned).
@@ -420,7 +420,7 @@ def teco_score(
         severities: severities tried (default 1...5).
         backend: ``"torch"`` (batched torch re-implementations where available) or ``"reference"``
             (the library for every corruption).
-        batch_size: maximum images per forward (an input block and all its ``T * S`` copies go together).
+        batch_size: None (forwards the size of ``x``, one per copy) or the maximum images per forward.
         return_flips: also return the ``[T, N]`` first-flip severities.
 
     Cost: ``1 + T * S`` forward passes per input (76 with the defaults) plus the corruptions.
@@ -438,13 +438,12 @@ def teco_score(
     if len(seeds) != len(x):
         raise ValueError(f"seeds must hold one seed per input ({len(x)}), got {len(seeds)}")
     corrupt = torch_corrupt if backend == "torch" else reference_corrupt
-    num = len(corruptions) * len(severities)
+    plan = [(c, s) for c in corruptions for s in severities]
+    num = len(plan)
 
-    def make(xc: Tensor, start: int) -> Tensor:
-        block = seeds[start:start + len(xc)]
-        copies = [corrupt(xc, c, s, [corruption_seed(b, c, s) for b in block])
-                  for c in corruptions for s in severities]
-        return torch.cat(copies).to(xc.dtype)
+    def make(xc: Tensor, v: int) -> Tensor:
+        c, s = plan[v]
+        return corrupt(xc, c, s, [corruption_seed(b, c, s) for b in seeds])
 
     pred, labels = variant_labels(model, x, make, num, batch_size=batch_size)
     flips = first_flip_severity(pred, labels.view(len(corruptions), len(severities), len(x)), severities)
