@@ -39,7 +39,7 @@ class TeCo(Detector):
     Cost: ``1 + T * S`` forwards per input (76 with the defaults) plus the corruptions.
 
     The corruptions are the common-corruption benchmark's, from the ``imagecorruptions`` package
-    (``pip install imagecorruptions-imaug``); ``backend="torch"`` (default) runs the eight that have
+    (``pip install imagecorruptions-imaug``); ``backend="torch"`` (default) runs the nine that have
     batched torch re-implementations on the input's device and the library for the rest,
     ``backend="reference"`` uses the library for all (see
     :mod:`lightning_backdoor.detectors.functional.teco`). Randomness (noises, frost, fog, ...) is seeded

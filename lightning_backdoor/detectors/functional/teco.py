@@ -10,11 +10,12 @@ severities across the corruption types (docs/methods.md §4).
 
 Corruptions come from the ``imagecorruptions`` package (the maintained ``imagecorruptions-imaug``
 release: ``pip install imagecorruptions-imaug``), applied per image on the CPU
-(:func:`reference_corrupt`). :data:`TORCH_CORRUPTIONS` re-implements eight of the fifteen as batched
+(:func:`reference_corrupt`). :data:`TORCH_CORRUPTIONS` re-implements nine of the fifteen as batched
 torch functions on the input's device (:func:`torch_corrupt`); they are tested against the library
 (tests/detectors/test_teco.py): exactly for the deterministic ones (contrast, brightness, defocus blur,
-zoom blur; frost given the same frost image and crop), in distribution for the noises (Gaussian, shot,
-impulse). ``backend="torch"`` uses them and the library for the other seven.
+zoom blur) and, given the same random draws, for frost (frost image and crop) and glass blur (pixel
+offsets); in distribution for the noises (Gaussian, shot, impulse). ``backend="torch"`` uses them and
+the library for the other six (motion blur, snow, fog, elastic, pixelate, JPEG).
 
 Images are handled as the library does: quantised to 8 bits, a 1-channel image replicated to RGB
 (as ``imagecorruptions.corrupt`` does), corrupted, and its first channel kept (so per-channel noise
@@ -130,7 +131,7 @@ def reference_corrupt(x: Tensor, corruption: str, severity: int, seeds: Sequence
             res = np.uint8(fn(Image.fromarray(_to_uint8_rgb(img)), severity, **kwargs))
             if res.ndim == 2:
                 res = res[:, :, None]
-            t = torch.from_numpy(np.ascontiguousarray(res)).permute(2, 0, 1).float().div_(255.0)
+            t = torch.from_numpy(np.array(res, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
             out.append(t[: x.shape[1]] if x.shape[1] == 1 else t)
     finally:
         np.random.set_state(state)
@@ -289,6 +290,61 @@ def _zoom_blur(x: Tensor, severity: int, seeds: Sequence[int]) -> Tensor:
     return torch.floor(out).to(x.dtype) / 255.0
 
 
+_GLASS = ((0.7, 1, 2), (0.9, 2, 1), (1.0, 2, 3), (1.1, 3, 2), (1.5, 4, 2))  # sigma, max_delta, iterations
+
+
+def _gaussian_nearest(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian filter with edge replication, radius ``int(4 sigma + 0.5)`` (``scipy.ndimage.gaussian_filter``
+    with ``mode="nearest"``, which ``skimage.filters.gaussian`` uses), per channel."""
+    radius = int(4.0 * sigma + 0.5)
+    k = torch.arange(-radius, radius + 1, dtype=torch.float64, device=x.device)
+    w = torch.exp(-0.5 * (k / sigma) ** 2)
+    w = (w / w.sum()).to(x.dtype)
+    c = x.shape[1]
+    out = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), w.view(1, 1, -1, 1).expand(c, 1, -1, 1),
+                   groups=c)
+    return F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="replicate"), w.view(1, 1, 1, -1).expand(c, 1, 1, -1),
+                    groups=c)
+
+
+def glass_positions(h: int, w: int, severity: int) -> List[Tuple[int, int]]:
+    """The pixels glass blur visits, in its order (bottom-right to top-left, ``iterations`` times)."""
+    _, delta, iterations = _GLASS[severity - 1]
+    return [(r, c) for _ in range(iterations) for r in range(h - delta, delta, -1) for c in range(w - delta, delta, -1)]
+
+
+def glass_with(x: Tensor, severity: int, offsets: Tensor) -> Tensor:
+    """Glass blur with given per-image ``offsets[i, step] = (dx, dy)`` (each in ``[-max_delta, max_delta)``):
+    blur, move pixel ``(h + dy, w + dx)`` onto ``(h, w)`` at each visited position, blur again.
+
+    (The library "swaps" the two pixels with a tuple assignment of array views, which copies the
+    second onto the first and leaves the second as it is; that is what is reproduced.) The steps run
+    in order, each on the whole batch at once.
+    """
+    sigma, _, _ = _GLASS[severity - 1]
+    h, w = x.shape[-2:]
+    positions = glass_positions(h, w, severity)
+    if offsets.shape != (len(x), len(positions), 2):
+        raise ValueError(f"offsets must have shape [{len(x)}, {len(positions)}, 2], got {tuple(offsets.shape)}")
+    y = torch.floor(_gaussian_nearest(x, sigma).clamp(0, 1) * 255.0)  # np.uint8 of the first blur
+    rows = torch.arange(len(x), device=x.device)
+    offs = offsets.to(x.device).long()
+    for step, (r, c) in enumerate(positions):
+        y[rows, :, r, c] = y[rows, :, r + offs[:, step, 1], c + offs[:, step, 0]]
+    return _truncate(_gaussian_nearest(y / 255.0, sigma).clamp(0, 1) * 255.0)
+
+
+def glass_offsets(h: int, w: int, severity: int, seeds: Sequence[int]) -> Tensor:
+    """``[N, steps, 2]`` offsets ``(dx, dy)`` drawn from each image's seed."""
+    _, delta, _ = _GLASS[severity - 1]
+    steps = len(glass_positions(h, w, severity))
+    return torch.stack([torch.randint(-delta, delta, (steps, 2), generator=g) for g in _generators(seeds)])
+
+
+def _glass_blur(x: Tensor, severity: int, seeds: Sequence[int]) -> Tensor:
+    return glass_with(x, severity, glass_offsets(x.shape[-2], x.shape[-1], severity, seeds))
+
+
 @functools.lru_cache(maxsize=6)
 def _frost_image(idx: int):
     """The library's ``idx``-th frost image, rescaled by 1.1 as the library does (HWC, RGB, 0-255 float)."""
@@ -356,6 +412,7 @@ TORCH_CORRUPTIONS: Dict[str, Callable[[Tensor, int, Sequence[int]], Tensor]] = {
     "shot_noise": _shot_noise,
     "impulse_noise": _impulse_noise,
     "defocus_blur": _defocus_blur,
+    "glass_blur": _glass_blur,
     "zoom_blur": _zoom_blur,
     "frost": _frost,
     "brightness": _brightness,
