@@ -50,7 +50,7 @@ class Frequency(Detector):
     threat_model = "model-free, data-limited"
     requires_fit = True
 
-    def __init__(self, epochs: int = 30, lr: float = 1e-3, batch_size: int = 64, width: int = 16,
+    def __init__(self, epochs: int = 10, lr: float = 3e-3, batch_size: int = 64, width: int = 8,
                  max_fit_samples: int = 1000, threshold: float = 0.0, seed: int = 0) -> None:
         super().__init__(check_real(threshold, "threshold"))
         self.epochs = check_positive_int(epochs, "epochs")

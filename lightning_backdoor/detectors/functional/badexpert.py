@@ -66,7 +66,9 @@ def finetune_copy(
         raise ValueError("BaDExpert fine-tunes copies of the model, but the model has no trainable parameters "
                          "(every parameter has requires_grad=False); unfreeze the layers to fine-tune")
     device = x.device
-    with preserved_rng(device):
+    # a detection callback fits inside Lightning's test loop, i.e. under inference mode: train outside it
+    with preserved_rng(device), torch.inference_mode(False), torch.enable_grad():
+        x, y = x.clone(), y.clone()  # normal tensors (inputs made under inference mode cannot enter autograd)
         torch.manual_seed(int(seed))
         gen = torch.Generator().manual_seed(int(seed))
         try:
@@ -76,17 +78,16 @@ def finetune_copy(
         work.train()
         params = [p for p in work.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        with torch.enable_grad():
-            for _ in range(epochs):
-                order = torch.randperm(len(x), generator=gen).to(device)
-                for start in range(0, len(x), batch_size):
-                    idx = order[start:start + batch_size]
-                    if len(idx) < 2 and len(x) >= 2:  # BatchNorm in train mode needs two samples
-                        continue
-                    loss = F.cross_entropy(work(x[idx]), y[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen).to(device)
+            for start in range(0, len(x), batch_size):
+                idx = order[start:start + batch_size]
+                if len(idx) < 2 and len(x) >= 2:  # BatchNorm in train mode needs two samples
+                    continue
+                loss = F.cross_entropy(work(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     return {k: v.detach().clone() for k, v in work.state_dict().items()}
 
 
