@@ -11,7 +11,7 @@
    processes on a shared machine); printed next to the detector's ideal cost in
    forwards (SCALE-UP ``1 + |S|``, ShrinkPad ``1 + n``, DeepSweep ``1 + copies``, TeCo ``1 + 15 * 5``
    plus the corruptions, STRIP ``n``, IBD-PSC ``1 + n`` before its shared prefix, BaDExpert 3).
-   SCALE-UP goal: <= 1.05x its ideal.
+   SCALE-UP goal: <= 1.05x its ideal. (All parts run with ``--threads`` torch threads, default 1.)
 2. **SCALE-UP in the callback.** ``DetectionCallback([ScaleUp(mode="data_limited")])`` on the
    embedded MNIST digits with the quickstart's ResNet-20 and evaluation batches of 500: the logged
    ``test/scale_up/relative_cost`` over ``--callback-repeats`` runs (median), against the ideal 6.
@@ -243,7 +243,7 @@ def main() -> None:
     parser.add_argument("--teco-repeats", type=int, default=3, help="timed runs of TeCo (median reported)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per entry (median reported)")
     parser.add_argument("--callback-repeats", type=int, default=5, help="callback runs for SCALE-UP's relative_cost")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for part 1 (0 = torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's choice)")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs of the two models (quickstart: 10)")
     parser.add_argument("--samples", type=int, default=300, help="benign and poisoned test images per detection run")
     parser.add_argument("--fit-samples", type=int, default=200, help="benign fitting samples for the detectors")
@@ -256,14 +256,12 @@ def main() -> None:
     for name in ("batch_size", "small_batch_size", "teco_batch_size", "teco_repeats", "repeats", "callback_repeats", "epochs", "samples", "fit_samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    threads = torch.get_num_threads()
+    if args.threads > 0:  # all parts: on a shared CPU, two threads per process thrash under load
+        torch.set_num_threads(args.threads)
 
     if not args.skip_costs:
         print("## 1. Cost per image relative to a plain forward pass\n", flush=True)
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
         cost_table(args)
-        torch.set_num_threads(threads)
 
     modules = {}
     if not (args.skip_callback and args.skip_detection):
