@@ -40,7 +40,8 @@ class TeCo(Detector):
 
     The corruptions are the common-corruption benchmark's, from the ``imagecorruptions`` package
     (``pip install imagecorruptions-imaug``); ``backend="torch"`` (default) runs the nine that have
-    batched torch re-implementations on the input's device and the library for the rest,
+    batched torch re-implementations on the input's device (on a CPU seven: defocus and glass blur
+    are faster in the library there) and the library for the rest,
     ``backend="reference"`` uses the library for all (see
     :mod:`lightning_backdoor.detectors.functional.teco`). Randomness (noises, frost, fog, ...) is seeded
     per input: from ``(seed, id)`` with ``score(..., sample_ids=ids)`` (as the detection callback calls

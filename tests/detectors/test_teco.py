@@ -38,7 +38,7 @@ def test_deterministic_torch_corruptions_match_the_library(shape, name):
     x = images(shape)
     for severity in (1, 2, 3, 4, 5):
         ref = T.reference_corrupt(x, name, severity, [0] * len(x))
-        got = T.torch_corrupt(x, name, severity, [0] * len(x))
+        got = T.torch_corrupt(x, name, severity, [0] * len(x), library_on_cpu=False)
         diff = (ref - got).abs()
         # the same 8-bit values, but for float round-off at a truncation boundary (one level, rarely)
         assert float(diff.max()) <= 1 / 255 + 1e-6, (name, severity)
@@ -111,7 +111,7 @@ def reference_teco(net, x, seeds, corruptions, severities):
             for c in corruptions:
                 flip = 6
                 for s in severities:
-                    copy = T.torch_corrupt(xi, c, s, [T.corruption_seed(seeds[i], c, s)])
+                    copy = T.torch_corrupt(xi, c, s, [T.corruption_seed(seeds[i], c, s)])  # as the detector does
                     if int(net(copy).argmax()) != base:
                         flip = s
                         break

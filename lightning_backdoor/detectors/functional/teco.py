@@ -15,7 +15,8 @@ torch functions on the input's device (:func:`torch_corrupt`); they are tested a
 (tests/detectors/test_teco.py): exactly for the deterministic ones (contrast, brightness, defocus blur,
 zoom blur) and, given the same random draws, for frost (frost image and crop) and glass blur (pixel
 offsets); in distribution for the noises (Gaussian, shot, impulse). ``backend="torch"`` uses them and
-the library for the other six (motion blur, snow, fog, elastic, pixelate, JPEG).
+the library for the other six (motion blur, snow, fog, elastic, pixelate, JPEG); on a CPU, defocus and
+glass blur stay with the library too (:data:`LIBRARY_ON_CPU`: faster there).
 
 Images are handled as the library does: quantised to 8 bits, a 1-channel image replicated to RGB
 (as ``imagecorruptions.corrupt`` does), corrupted, and its first channel kept (so per-channel noise
@@ -420,15 +421,25 @@ TORCH_CORRUPTIONS: Dict[str, Callable[[Tensor, int, Sequence[int]], Tensor]] = {
 }
 
 
-def torch_corrupt(x: Tensor, corruption: str, severity: int, seeds: Sequence[int]) -> Tensor:
+#: Re-implemented corruptions that stay with the library on a CPU, where it is faster: float64
+#: convolutions with 17x17-21x21 kernels and glass blur's ~1,000 sequential pixel moves run slower as
+#: torch ops on a CPU than in OpenCV / numba (benchmarks/bench_detectors.py); on a GPU they run batched.
+LIBRARY_ON_CPU = frozenset({"defocus_blur", "glass_blur"})
+
+
+def torch_corrupt(x: Tensor, corruption: str, severity: int, seeds: Sequence[int], *,
+                  library_on_cpu: bool = True) -> Tensor:
     """Corrupt a batch on its device with the torch re-implementation when there is one, else with the library.
 
-    The input is quantised to 8 bits first, as for the library. Returns a new tensor.
+    The input is quantised to 8 bits first, as for the library, and the work is done in float64 as the
+    library does it. With ``library_on_cpu`` the corruptions in :data:`LIBRARY_ON_CPU` use the library
+    for CPU tensors. Returns a new tensor.
     """
     if x.shape[1] not in (1, 3):
         raise ValueError(f"TeCo's corruptions need 1- or 3-channel images, got {x.shape[1]} channels")
     fn = TORCH_CORRUPTIONS.get(corruption)
-    if fn is None or x.device.type == "mps":  # (computed in float64, as the library computes)
+    if (fn is None or x.device.type == "mps"  # (no float64 on MPS)
+            or (library_on_cpu and x.device.type == "cpu" and corruption in LIBRARY_ON_CPU)):
         return reference_corrupt(x, corruption, severity, seeds)
     return fn(_quantise(x.double()), severity, seeds).to(x.dtype)
 
