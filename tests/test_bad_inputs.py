@@ -21,7 +21,7 @@ from lightning_backdoor.checkpoints import UnsafeCheckpointError, load_net_weigh
 from lightning_backdoor.data import CheckpointMismatchError, DatasetNotFoundError, PoisonedDataset
 from lightning_backdoor.data.datasets import TensorImageDataset
 from lightning_backdoor.data.loaders import ResumableDataLoader
-from lightning_backdoor.detectors import IBDPSC, ScaleUp, Strip, create_detector
+from lightning_backdoor.detectors import IBDPSC, BaDExpert, Frequency, ScaleUp, ShrinkPad, Strip, TeCo, create_detector
 from lightning_backdoor.loggers import BackdoorWandbLogger
 from lightning_backdoor.losses import create_loss
 from lightning_backdoor.metrics import AttackSuccessRate
@@ -98,6 +98,14 @@ def other_seed_state():
     d.setup()
     state = d.state_dict()
     return dm(seed=1).load_state_dict, state
+
+
+def frequency_fitted_on_8x8():
+    return Frequency(epochs=1).fit(net(), (torch.rand(8, 1, 8, 8), torch.arange(8) % 10))
+
+
+def frozen_net():
+    return net().requires_grad_(False)
 
 
 def cli_unknown_key():
@@ -230,6 +238,19 @@ CASES = [
      "no --ckpt_path.*untrained"),
     ("cli-missing-init-weights", lambda t: main(["fit", "--config", str(ADAPTIVE_SCALE_UP)]), SystemExit,
      "checkpoints/quickstart/last.ckpt.*not found.*configs/quickstart.yaml` first"),
+    # detectors (issue 12: TeCo, ShrinkPad, DeepSweep, Frequency, BaDExpert)
+    ("teco-unknown-corruption", lambda t: TeCo(corruptions=["gaussian_noise", "fisheye"]), ValueError,
+     "unknown corruption 'fisheye'"),
+    ("teco-severity-out-of-range", lambda t: TeCo(severities=[0, 6]), ValueError, "severities must be in 1\\.\\.\\.5"),
+    ("shrink-pad-shrink-too-large", lambda t: ShrinkPad(shrink=28).score(net(), x), ValueError,
+     "shrink=28 is not smaller than the image size 28x28"),
+    ("frequency-not-fitted", lambda t: Frequency().score(net(), x), RuntimeError, "must be fitted on benign data"),
+    ("frequency-other-image-size", lambda t: frequency_fitted_on_8x8().score(net(), x), ValueError,
+     "fitted on images of shape \\(1, 8, 8\\)"),
+    ("badexpert-no-trainable-parameters", lambda t: BaDExpert().fit(frozen_net(), (x, torch.arange(4))), ValueError,
+     "no trainable parameters"),
+    ("badexpert-too-few-fit-samples", lambda t: BaDExpert().fit(net(), (x, torch.arange(4))), ValueError,
+     "at least 10 benign fitting samples"),
 ]
 
 

@@ -6,11 +6,16 @@
 
 from . import functional
 from .base import DETECTORS, Detector, collect_benign, create_detector, iter_benign, list_detectors, threshold_at_fpr
+from .badexpert import BaDExpert
+from .deep_sweep import DeepSweep
+from .frequency import Frequency
 from .ibd_psc import IBDPSC
 from .scale_up import ScaleUp
+from .shrink_pad import ShrinkPad
 from .strip import Strip
+from .teco import TeCo
 
 __all__ = [
-    "DETECTORS", "Detector", "IBDPSC", "ScaleUp", "Strip", "collect_benign", "create_detector", "functional",
-    "iter_benign", "list_detectors", "threshold_at_fpr",
+    "BaDExpert", "DETECTORS", "DeepSweep", "Detector", "Frequency", "IBDPSC", "ScaleUp", "ShrinkPad", "Strip", "TeCo",
+    "collect_benign", "create_detector", "functional", "iter_benign", "list_detectors", "threshold_at_fpr",
 ]

@@ -20,7 +20,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..validation import check_choice, check_optional_real, check_positive_int, check_probability, warn_ignored
+from ..validation import (check_choice, check_optional_positive_int, check_optional_real, check_probability,
+                          warn_ignored)
 from ..utils import evaluating, model_device
 from .base import DETECTORS, Detector, iter_benign, threshold_at_fpr
 from .functional.scale_up import DEFAULT_SCALES, check_scales, scale_up_class_stats, scale_up_nspc, scale_up_spc
@@ -60,7 +61,11 @@ class ScaleUp(Detector):
         scales: scaling factors ``S`` (all > 0), paper default ``(3, 5, 7, 9, 11)``.
         mode: one of ``"data_free"``, ``"data_limited"``, ``"data_limited_global"``.
         threshold: decision threshold for ``predict`` (``score > threshold``), or None for the default.
-        batch_size: maximum images per forward pass (the ``(1 + |S|) * N`` scaled copies are chunked).
+        batch_size: None (default): one forward per scale, each exactly the size of the scored batch
+            (cost: the ideal ``1 + |S|`` plain forwards at that batch size); or the maximum number of
+            images per forward when the ``(1 + |S|) * N`` images are stacked and classified together
+            (fewer, larger forwards: faster on a GPU with small batches, slower per image on a CPU;
+            see :func:`~lightning_backdoor.detectors.functional.scale_up.scale_up_spc`).
         target_fpr: benign false-positive rate used to set the threshold in data-limited modes.
         group_by: ``"true_label"`` (paper, default) or ``"predicted"``: which label groups the benign
             fitting samples into classes in ``"data_limited"`` mode.
@@ -79,14 +84,14 @@ class ScaleUp(Detector):
         scales: Sequence[float] = DEFAULT_SCALES,
         mode: str = "data_free",
         threshold: Optional[float] = None,
-        batch_size: int = 512,
+        batch_size: Optional[int] = None,
         target_fpr: float = 0.05,
         group_by: str = "true_label",
     ) -> None:
         self.scales = check_scales(scales)
         self.group_by = check_choice(group_by, "group_by", SCALE_UP_GROUPINGS)
         self.mode = check_choice(mode, "mode", SCALE_UP_MODES)
-        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.batch_size = check_optional_positive_int(batch_size, "batch_size")
         self.target_fpr = check_probability(target_fpr, "target_fpr", high_open=True)
         self._threshold_arg = check_optional_real(threshold, "threshold")
         if mode == "data_free" and target_fpr != 0.05:

@@ -57,7 +57,7 @@ def reference_spc(net, x, scales):
     return torch.tensor(out, dtype=torch.float32), torch.tensor(preds)
 
 
-@pytest.mark.parametrize("batch_size", [1, 4, 7, 512])
+@pytest.mark.parametrize("batch_size", [None, 1, 4, 7, 512])
 def test_spc_matches_reference(batch_size):
     net, x = tiny_net(), images(23)
     spc, pred = scale_up_spc(net, x, SCALES, batch_size=batch_size, return_pred=True)
@@ -85,6 +85,9 @@ def test_spc_costs_one_forward_per_block():
     calls.clear()
     scale_up_spc(net, x, SCALES, batch_size=24)  # 4 inputs x 6 copies per forward
     assert calls == [24, 24, 12]
+    calls.clear()
+    scale_up_spc(net, x, SCALES)  # default: 1 + |S| forwards, each the size of the scored batch
+    assert calls == [10] * (1 + len(SCALES))
 
 
 def benign(n=60, seed=2, k=5):
@@ -280,7 +283,7 @@ def test_registry_and_hparams():
     det = create_detector("scale_up", mode="data_limited", scales=[2, 4])
     assert isinstance(det, ScaleUp) and det.scales == (2.0, 4.0)
     hp = det.hparams()
-    assert hp == {"scales": [2.0, 4.0], "mode": "data_limited", "threshold": None, "batch_size": 512, "target_fpr": 0.05,
+    assert hp == {"scales": [2.0, 4.0], "mode": "data_limited", "threshold": None, "batch_size": None, "target_fpr": 0.05,
                   "group_by": "true_label"}
     assert F.scale_up_spc is scale_up_spc
 

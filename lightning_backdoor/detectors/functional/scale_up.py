@@ -13,7 +13,7 @@ predicted labels of the model are used.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -58,22 +58,29 @@ def scale_up_spc(
     x: Tensor,
     scales: Sequence[float] = DEFAULT_SCALES,
     *,
-    batch_size: int = 512,
+    batch_size: Optional[int] = None,
     return_pred: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Scaled prediction consistency: the share of scales ``n`` with ``C(clip(n*x, 0, 1)) == C(x)``.
 
-    The original images and all their scaled copies are stacked and classified together in
-    forwards of at most ``batch_size`` images, so the cost is about ``1 + len(scales)`` plain
-    forward passes. The model is run in eval mode without gradients (its modes are restored);
-    ``x`` is never modified.
+    The cost is ``1 + len(scales)`` plain forward passes of ``x``:
+
+    - ``batch_size=None`` (default): one forward of the whole batch ``x``, then one per scale on its
+      scaled copy -- every forward is exactly as large as the caller's batch, so the cost is the ideal
+      ``1 + |S|`` plain forwards at that batch size, on any device, with the memory of one copy;
+    - ``batch_size=k``: the inputs and their scaled copies are stacked and classified together in
+      forwards of at most ``k`` images (as few forwards as ``k`` allows). On a GPU a large ``k``
+      merges small batches into fewer, fuller forwards; on a CPU one large forward is *slower* per
+      image than several of the caller's size (measured in ``benchmarks/bench_detectors.py``).
+
+    The model is run in eval mode without gradients (its modes are restored); ``x`` is never modified.
 
     Args:
         model: classifier returning logits ``[N, K]``; it takes pixel-space input (any
             normalisation is inside the model).
         x: images ``[N, C, H, W]`` in ``[0, 1]`` on the model's device.
         scales: the scaling factors ``S`` (paper default ``(3, 5, 7, 9, 11)``).
-        batch_size: maximum number of images per forward pass.
+        batch_size: None, or the maximum number of images per forward pass of the stacked copies.
         return_pred: also return ``C(x)``, the predicted labels of the unscaled images.
 
     Returns:
@@ -86,19 +93,33 @@ def scale_up_spc(
         torch.Size([4])
     """
     scales = check_scales(scales)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
     n = len(x)
     copies = 1 + len(scales)
     if n == 0:
         empty = torch.zeros(0, device=x.device)
         return (empty, torch.zeros(0, dtype=torch.long, device=x.device)) if return_pred else empty
-    chunk = max(1, batch_size // copies)  # inputs per stacked block of (1 + |S|) * chunk images
-    spc, pred = [], []
     with evaluating(model):
+        if batch_size is None:
+            pred_t = _argmax_logits(model, x, n)
+            same = torch.zeros(n, device=x.device)
+            buf = torch.empty_like(x)
+            for s in scales:
+                torch.mul(x, s, out=buf)
+                same += (_argmax_logits(model, buf.clamp_(0.0, 1.0), n) == pred_t).float()
+            spc_t = same / len(scales)
+            return (spc_t, pred_t) if return_pred else spc_t
+        chunk = max(1, batch_size // copies)  # inputs per stacked block of (1 + |S|) * chunk images
+        spc, pred = [], []
         for start in range(0, n, chunk):
             xc = x[start : start + chunk]
-            stacked = torch.cat([xc] + [(xc * s).clamp_(0.0, 1.0) for s in scales])
+            # the block and its scaled copies written once into one buffer and classified together
+            stacked = torch.empty((copies * len(xc),) + tuple(xc.shape[1:]), dtype=xc.dtype, device=xc.device)
+            stacked[: len(xc)] = xc
+            for j, s in enumerate(scales, start=1):
+                torch.mul(xc, s, out=stacked[j * len(xc) : (j + 1) * len(xc)])
+            stacked[len(xc):].clamp_(0.0, 1.0)
             labels = _argmax_logits(model, stacked, batch_size).view(copies, len(xc))
             spc.append((labels[1:] == labels[0]).float().mean(dim=0))
             pred.append(labels[0])
