@@ -79,7 +79,8 @@ def config_summaries(root: Path = REPO_CONFIGS) -> List[Tuple[str, str]]:
 def _description() -> str:
     lines = ["lightning_backdoor: backdoor attacks and backdoor detectors for PyTorch Lightning, logged to W&B.",
              "", "  lightning-backdoor fit --config configs/quickstart.yaml",
-             "  lightning-backdoor test --config configs/detect.yaml --ckpt_path checkpoints/quickstart/last.ckpt"]
+             "  lightning-backdoor test --config configs/detect.yaml --ckpt_path checkpoints/quickstart/last.ckpt",
+             "  lightning-backdoor matrix --config configs/matrix/mnist5k.yaml   (attack x defence grid; matrix --help)"]
     summaries = config_summaries()
     if summaries:
         lines += ["", "Configs shipped with the project:"]
@@ -222,8 +223,9 @@ class _RawHelp(RawDescriptionHelpFormatter):
     """Keeps the description's line breaks in ``--help``."""
 
 
-def main(args: Optional[List[str]] = None) -> None:
-    """Entry point of the ``lightning-backdoor`` console script."""
+def run_cli(args: Optional[List[str]] = None) -> BackdoorCLI:
+    """Run the CLI on ``args`` (a ``fit``/``validate``/``test`` command line) and return the ``BackdoorCLI``
+    (its ``trainer``, ``model`` and ``datamodule``), for programmatic use such as the attack x defence matrix."""
     with warnings.catch_warnings():
         # A test/validate run does not need the training callbacks (ModelCheckpoint, ...) whose state a fit
         # checkpoint carries; Lightning's "Please add the following callbacks" is meant for resuming a fit.
@@ -232,7 +234,7 @@ def main(args: Optional[List[str]] = None) -> None:
             warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided")
         # the configs write last.ckpt into a fixed folder on purpose (a re-run overwrites it)
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        BackdoorCLI(
+        return BackdoorCLI(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,
@@ -242,6 +244,17 @@ def main(args: Optional[List[str]] = None) -> None:
             auto_configure_optimizers=False,
             parser_kwargs={"prog": "lightning-backdoor", "description": _description(), "formatter_class": _RawHelp},
         )
+
+
+def main(args: Optional[List[str]] = None) -> None:
+    """Entry point of the ``lightning-backdoor`` console script: LightningCLI's subcommands plus ``matrix``."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "matrix":
+        from .matrix import matrix_main
+
+        matrix_main(argv[1:])
+        return
+    run_cli(args)
 
 
 if __name__ == "__main__":  # pragma: no cover
