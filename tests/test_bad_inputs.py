@@ -28,6 +28,8 @@ from lightning_backdoor.metrics import AttackSuccessRate
 from lightning_backdoor.metrics.detection import detection_metrics
 from lightning_backdoor.models import create_model
 from lightning_backdoor.batch import parse_batch
+from lightning_backdoor.certified import certify, feasible_set
+from lightning_backdoor.sanitizers import Slab, Sphere, create_sanitizer, extract_features
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -95,6 +97,19 @@ def other_seed_state():
     d.setup()
     state = d.state_dict()
     return dm(seed=1).load_state_dict, state
+
+
+def nan_features():
+    bad = torch.rand(6, 3)
+    bad[2, 1] = float("nan")
+    return bad
+
+
+def two_blobs():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.cat([torch.randn(10, 2, generator=g) - 2, torch.randn(10, 2, generator=g) + 2])
+    labels = torch.arange(20) // 10
+    return feats, labels, feasible_set(feats, labels)
 
 
 def cli_unknown_key():
@@ -186,6 +201,26 @@ CASES = [
      ValueError, "shape mismatches.*fc.weight: checkpoint \\[10, 32\\] vs model \\[5, 32\\]"),
     ("checkpoint-other-data-settings", lambda t: (lambda f, s: f(s))(*other_seed_state()), CheckpointMismatchError,
      "seed: checkpoint 0 vs this data module 1"),
+    # sanitisers and certified bounds
+    ("sanitizer-bad-percentile", lambda t: Sphere(percentile=0), ValueError, "percentile must be in \\(0, 100\\]"),
+    ("sanitizer-class-too-small", lambda t: Sphere().fit(torch.rand(5, 3), torch.tensor([0, 0, 1, 1, 2])), ValueError,
+     "at least 2 samples.*class 2: 1"),
+    ("sanitizer-nan-features", lambda t: Slab(mode="data").sanitize(nan_features(), torch.arange(6) % 2), ValueError,
+     "features contain NaN or Inf"),
+    ("sanitizer-extractor-not-2d", lambda t: extract_features(labelled_dataset(4), lambda im: im.sum((1, 2, 3))),
+     ValueError, "2-D after flattening, got shape \\(4,\\)"),
+    ("sanitizer-oracle-without-clean", lambda t: Sphere().sanitize(torch.rand(6, 3), torch.arange(6) % 2), ValueError,
+     "needs a trusted clean set"),
+    ("sanitizer-unknown-name", lambda t: create_sanitizer("spheres"), ValueError, "unknown sanitizer 'spheres'.*sphere"),
+    ("datamodule-oracle-sanitizer-no-clean-set", lambda t: dm(sanitizer=Sphere(), defense_size=0).setup(), ValueError,
+     "defense_size=0"),
+    ("certified-epsilon-out-of-range", lambda t: certify(*two_blobs(), epsilon=1.0, rho=1.0), ValueError,
+     "epsilon must be in \\[0, 1\\)"),
+    ("certified-rho-not-positive", lambda t: certify(*two_blobs(), epsilon=0.1, rho=0.0), ValueError, "rho must be > 0"),
+    ("certified-non-convex-loss", lambda t: certify(*two_blobs(), epsilon=0.1, rho=1.0, loss="zero_one"), ValueError,
+     "loss 'zero_one' is not convex"),
+    ("certified-non-binary-labels", lambda t: feasible_set(torch.rand(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])),
+     ValueError, "binary class indices"),
 ]
 
 
