@@ -1,7 +1,7 @@
 """Backdoors meet sanitisation: sphere and slab against the BadNets, Blended and WaNet training sets.
 
 On the embedded MNIST-5k digits with the quickstart's data settings (rate 0.1, target 0, seed 0) and
-ResNet-20 (``--epochs`` epochs each, SGD 0.05 with a cosine schedule):
+ResNet-20 (``--epochs`` epochs each, SGD 0.05 with a cosine schedule; every model from the same seed):
 
 1. trains a **clean** ResNet-20 on the clean training split (the same samples, no attack) — the
    feature space "of a clean model" (an oracle one: it saw the clean version of the training set);
@@ -15,9 +15,11 @@ ResNet-20 (``--epochs`` epochs each, SGD 0.05 with a cosine schedule):
 
 Prints both Markdown tables, writes them into docs/sanitizers.md (between the ``sanitize-table``
 markers; ``--no-docs`` to skip) and logs them as ``wandb.Table``s to an offline W&B run under
-``--out``. The numbers are findings, whatever they are. 16 trainings of 3 epochs (the default): about
-5 minutes on 2 idle CPU cores, about 40 minutes on this shared machine under a load of ~10 (one thread,
-2.8 s per ResNet-20 batch instead of 0.25 s); ``--quick`` is a 1-epoch smoke run on BadNets only.
+``--out``. The numbers are findings, whatever they are. 16 trainings of 5 epochs (the default; the
+configs/sanitize pair's setting — at 3 epochs the unsanitised BadNets model had not learnt the backdoor
+yet, ASR 0.37): about 6 minutes on 2 idle CPU cores (1,240 ResNet-20 batches at 0.25 s); on this shared
+machine under a load of 10-13 one thread takes 2.8 s per batch, so about an hour. ``--quick`` is a
+1-epoch smoke run on BadNets only.
 
     python benchmarks/bench_sanitize.py
     python benchmarks/bench_sanitize.py --quick --no-docs
@@ -89,7 +91,7 @@ def fmt(v: Optional[float], digits: int = 3) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs of every model")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs of every model")
     parser.add_argument("--percentile", type=float, default=70.0, help="sphere/slab radius percentile")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0 = torch's default; on a shared, loaded machine 1 is fastest)")

@@ -16,8 +16,9 @@ For each ε in {0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.3}:
 
 Writes the table into docs/certified.md (between the ``mnist17-table`` markers), the plot to
 docs/img/certified_mnist17.png, and logs both (per-ε scalars, a ``wandb.Table``, the plot) to an offline
-W&B run under ``--out``. About 4 minutes on 2 CPU cores with the defaults (one thread; the work is
-small matrix-vector products).
+W&B run under ``--out``. Run time with the defaults (one thread; the work is small matrix-vector
+products, 45 bound computations): about 5 minutes on 2 lightly loaded CPU cores, 17 minutes measured on
+the shared 2-core machine under a load of ~10.
 
     python scripts/certified_mnist17.py
     python scripts/certified_mnist17.py --steps 8000 --no-docs     # the published iteration count

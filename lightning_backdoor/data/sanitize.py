@@ -66,13 +66,13 @@ def sanitize_training_set(train_set: Dataset, sanitizer: Sanitizer, clean_set: O
     """
     if not isinstance(sanitizer, Sanitizer):
         raise TypeError(f"sanitizer must be a lightning_backdoor.sanitizers.Sanitizer, got {type(sanitizer).__name__}")
+    if sanitizer.mode == "oracle" and (clean_set is None or len(clean_set) == 0):
+        raise ValueError(f"{type(sanitizer).__name__}(mode='oracle') fits on the data module's held-apart clean "
+                         "set, but defense_size=0; set defense_size > 0 (>= 2 samples per class) or use mode='data'")
     with _no_augmentation(train_set):
         train = extract_features(train_set, sanitizer.features, batch_size=batch_size)
     clean = None
     if sanitizer.mode == "oracle":
-        if clean_set is None or len(clean_set) == 0:
-            raise ValueError(f"{type(sanitizer).__name__}(mode='oracle') fits on the data module's held-apart clean "
-                             "set, but defense_size=0; set defense_size > 0 (>= 2 samples per class) or use mode='data'")
         c = extract_features(clean_set, sanitizer.features, batch_size=batch_size)
         clean = (c.features, c.labels)
     result = sanitizer.sanitize(train.features, train.labels, clean=clean, num_classes=num_classes)
