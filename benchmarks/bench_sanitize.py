@@ -17,8 +17,8 @@ Prints both Markdown tables, writes them into docs/sanitizers.md (between the ``
 markers; ``--no-docs`` to skip) and logs them as ``wandb.Table``s to an offline W&B run under
 ``--out``. The numbers are findings, whatever they are. 16 trainings of 5 epochs (the default; the
 configs/sanitize pair's setting — at 3 epochs the unsanitised BadNets model had not learnt the backdoor
-yet, ASR 0.37): about 6 minutes on 2 idle CPU cores (1,240 ResNet-20 batches at 0.25 s); on this shared
-machine under a load of 10-13 one thread takes 2.8 s per batch, so about an hour. ``--quick`` is a
+yet, ASR 0.37): about 6 minutes on 2 idle CPU cores (1,240 ResNet-20 batches at 0.25 s); measured 34 minutes
+on this shared 2-core machine under a load of 9-13 (one thread). ``--quick`` is a
 1-epoch smoke run on BadNets only.
 
     python benchmarks/bench_sanitize.py
