@@ -29,6 +29,8 @@ from lightning_backdoor.metrics.detection import detection_metrics
 from lightning_backdoor.models import create_model
 from lightning_backdoor.batch import parse_batch
 from lightning_backdoor.cli import main
+from lightning_backdoor.certified import certify, feasible_set
+from lightning_backdoor.sanitizers import Slab, Sphere, create_sanitizer, extract_features
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -106,6 +108,17 @@ def frequency_fitted_on_8x8():
 
 def frozen_net():
     return net().requires_grad_(False)
+def nan_features():
+    bad = torch.rand(6, 3)
+    bad[2, 1] = float("nan")
+    return bad
+
+
+def two_blobs():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.cat([torch.randn(10, 2, generator=g) - 2, torch.randn(10, 2, generator=g) + 2])
+    labels = torch.arange(20) // 10
+    return feats, labels, feasible_set(feats, labels)
 
 
 def cli_unknown_key():
@@ -251,6 +264,26 @@ CASES = [
      "no trainable parameters"),
     ("badexpert-too-few-fit-samples", lambda t: BaDExpert().fit(net(), (x, torch.arange(4))), ValueError,
      "at least 10 benign fitting samples"),
+    # sanitisers and certified bounds
+    ("sanitizer-bad-percentile", lambda t: Sphere(percentile=0), ValueError, "percentile must be in \\(0, 100\\]"),
+    ("sanitizer-class-too-small", lambda t: Sphere().fit(torch.rand(5, 3), torch.tensor([0, 0, 1, 1, 2])), ValueError,
+     "at least 2 samples.*class 2: 1"),
+    ("sanitizer-nan-features", lambda t: Slab(mode="data").sanitize(nan_features(), torch.arange(6) % 2), ValueError,
+     "features contain NaN or Inf"),
+    ("sanitizer-extractor-not-2d", lambda t: extract_features(labelled_dataset(4), lambda im: im.sum((1, 2, 3))),
+     ValueError, "2-D after flattening, got shape \\(4,\\)"),
+    ("sanitizer-oracle-without-clean", lambda t: Sphere().sanitize(torch.rand(6, 3), torch.arange(6) % 2), ValueError,
+     "needs a trusted clean set"),
+    ("sanitizer-unknown-name", lambda t: create_sanitizer("spheres"), ValueError, "unknown sanitizer 'spheres'.*sphere"),
+    ("datamodule-oracle-sanitizer-no-clean-set", lambda t: dm(sanitizer=Sphere(), defense_size=0).setup(), ValueError,
+     "defense_size=0"),
+    ("certified-epsilon-out-of-range", lambda t: certify(*two_blobs(), epsilon=1.0, rho=1.0), ValueError,
+     "epsilon must be in \\[0, 1\\)"),
+    ("certified-rho-not-positive", lambda t: certify(*two_blobs(), epsilon=0.1, rho=0.0), ValueError, "rho must be > 0"),
+    ("certified-non-convex-loss", lambda t: certify(*two_blobs(), epsilon=0.1, rho=1.0, loss="zero_one"), ValueError,
+     "loss 'zero_one' is not convex"),
+    ("certified-non-binary-labels", lambda t: feasible_set(torch.rand(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])),
+     ValueError, "binary class indices"),
 ]
 
 

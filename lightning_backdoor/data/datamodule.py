@@ -12,9 +12,11 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
 from ..validation import check_label, check_positive_int, check_probability, warn_ignored
 from ..attacks.base import Attack
+from ..sanitizers.base import Sanitizer
 from .datasets import DatasetSpec, get_spec
 from .loaders import ResumableDataLoader, capture_rng, eval_sampler, restore_rng
 from .poisoned import CleanDataset, PoisonedDataset, dataset_labels, fingerprint, stratified_split
+from .sanitize import Sanitization, remove_samples, sanitize_training_set
 
 #: Bumped when the meaning of :meth:`BackdoorDataModule.state_dict` changes. Version 3: stratified
 #: validation/defence splits and the poison rate as a share of the whole training set.
@@ -64,6 +66,16 @@ class BackdoorDataModule(LightningDataModule):
     :class:`CheckpointMismatchError` otherwise. :meth:`from_checkpoint` rebuilds the data module,
     and so the poisoned test set, from a checkpoint file alone.
 
+    Sanitisation (docs/sanitizers.md): with a ``sanitizer``, ``setup`` computes every training
+    sample's features (trigger applied, no augmentation), lets the sanitiser decide (oracle
+    sanitisers fit on the held-apart clean ``defense_set``) and removes the flagged samples from
+    ``train_set`` before any loader is built. :attr:`sanitization` holds the removed positions, the
+    scores and the removal metrics (:meth:`sanitizer_metrics`: ``train/sanitiser/precision``,
+    ``/recall``, ``/auroc``, ``/removed``, ``/clean_removed``, logged by ``BackdoorClassifier`` at
+    fit start). The removed set is recorded in ``state_dict``: a resumed fit must remove exactly
+    the same samples (else :class:`CheckpointMismatchError`), and :meth:`from_checkpoint` removes
+    the recorded ones.
+
     Args:
         dataset: ``"mnist5k"`` (embedded, no download: the default), ``"mnist"``, ``"cifar10"``,
             ``"gtsrb"``, ``"imagenette"``, ``"tiny_imagenet"`` or ``"imagefolder"``.
@@ -85,6 +97,8 @@ class BackdoorDataModule(LightningDataModule):
         download: let torchvision download missing files (needs internet).
         verify_integrity: check CIFAR-10 md5 sums (turn off for subsets written in the same format).
         image_size: resize for GTSRB/ImageFolder datasets (``None``: the dataset's default).
+        sanitizer: a :class:`~lightning_backdoor.sanitizers.Sanitizer` applied to the training set
+            before training (``None``: train on all of it).
 
     Example:
         >>> from lightning_backdoor.attacks import BadNets
@@ -111,6 +125,7 @@ class BackdoorDataModule(LightningDataModule):
         download: bool = False,
         verify_integrity: bool = True,
         image_size: Optional[Tuple[int, int]] = None,
+        sanitizer: Optional[Sanitizer] = None,
     ) -> None:
         super().__init__()
         self.spec: DatasetSpec = get_spec(dataset)
@@ -132,7 +147,13 @@ class BackdoorDataModule(LightningDataModule):
         if attack is None and (rate != 0.1 or target != 0):
             warn_ignored("BackdoorDataModule", "rate/target", (rate, target), "attack=None trains a clean model "
                          "(pass attack= to poison the training set)")
-        self.save_hyperparameters(ignore=["attack"])
+        if sanitizer is not None and not isinstance(sanitizer, Sanitizer):
+            raise TypeError(f"sanitizer must be a lightning_backdoor.sanitizers.Sanitizer or None, got "
+                            f"{type(sanitizer).__name__}")
+        self.sanitizer = sanitizer
+        self.sanitization: Optional[Sanitization] = None
+        self._recorded_removal: Optional[Dict[str, Any]] = None  # set by from_checkpoint
+        self.save_hyperparameters(ignore=["attack", "sanitizer"])
         self._built = False
         self.num_classes: int = self.spec.num_classes
 
@@ -187,6 +208,7 @@ class BackdoorDataModule(LightningDataModule):
                 self.val_poisoned = PoisonedDataset(val_base, self.attack, self.target, self.num_classes,
                                                     1.0, self.seed, "test")
             self.test_poisoned = PoisonedDataset(test, self.attack, self.target, self.num_classes, 1.0, self.seed, "test")
+        self._sanitize()
         self._built = True
         pending = self.__dict__.pop("_pending_state", None)
         if pending is not None:
@@ -201,6 +223,60 @@ class BackdoorDataModule(LightningDataModule):
         if self.spec.flip:
             tfs.append(v2.RandomHorizontalFlip())
         return v2.Compose(tfs) if tfs else None
+
+    # -- sanitisation ----------------------------------------------------------------------------
+    def _sanitize(self) -> None:
+        """Remove what the sanitiser flags (or, rebuilt from a checkpoint, what it recorded) from ``train_set``."""
+        if self.sanitizer is not None:
+            self.sanitization = sanitize_training_set(
+                self.train_set, self.sanitizer, self.defense_set, self.num_classes,
+                poisoned_known=isinstance(self.train_set, PoisonedDataset), batch_size=self.eval_batch_size)
+        elif self._recorded_removal is not None:
+            rec = self._recorded_removal
+            removed = torch.as_tensor(rec["sanitizer_removed"]).long()
+            remove_samples(self.train_set, removed)
+            self.sanitization = Sanitization(rec.get("sanitizer_name", "sanitizer"), removed, None,
+                                             dict(rec.get("sanitizer_metrics") or {}))
+
+    def sanitizer_metrics(self) -> Dict[str, float]:
+        """``{"train/sanitiser/<metric>": value}`` of the sanitised training set (empty without a sanitiser)."""
+        if self.sanitization is None:
+            return {}
+        return {f"train/sanitiser/{k}": float(v) for k, v in self.sanitization.metrics.items()}
+
+    def _sanitizer_record(self) -> Dict[str, Any]:
+        if self.sanitization is None:
+            return {}
+        record: Dict[str, Any] = {"sanitizer_name": self.sanitization.name,
+                                  "sanitizer_removed": self.sanitization.removed.clone(),
+                                  "sanitizer_metrics": {k: float(v) for k, v in self.sanitization.metrics.items()}}
+        if self.sanitizer is not None:
+            record["sanitizer_hparams"] = {k: v for k, v in self.sanitizer.hparams().items()
+                                           if isinstance(v, (str, int, float, bool, list, type(None)))}
+            record["sanitizer_state"] = self.sanitizer.state_dict()
+        return record
+
+    def _verify_sanitizer(self, state: Dict[str, Any]) -> None:
+        saved = state.get("sanitizer_removed")
+        mine = self.sanitization
+        if saved is None and mine is None:
+            return
+        if saved is None:
+            raise CheckpointMismatchError(
+                f"the checkpoint was trained without a sanitiser but this data module's sanitiser {mine.name!r} "
+                f"removes {len(mine.removed)} training samples; drop the sanitizer to resume this run")
+        saved = torch.as_tensor(saved).long().cpu()
+        if mine is None:
+            raise CheckpointMismatchError(
+                f"the checkpoint was trained on a sanitised training set ({len(saved)} samples removed by "
+                f"{state.get('sanitizer_name')!r}) but this data module has no sanitizer; pass the same sanitizer "
+                "(BackdoorDataModule.from_checkpoint restores the recorded removals from the file)")
+        if not torch.equal(saved, mine.removed.cpu()):
+            raise CheckpointMismatchError(
+                f"the training samples removed by the sanitiser {mine.name!r} now ({len(mine.removed)} samples, "
+                f"fingerprint {fingerprint(mine.removed)}) differ from the checkpoint's ({len(saved)} samples, "
+                f"fingerprint {fingerprint(saved)}): another sanitiser, other settings or another feature model "
+                "than the run's")
 
     # -- loaders ---------------------------------------------------------------------------------
     def _loader(self, ds: Optional[Dataset], train: bool = False, shard: bool = True) -> DataLoader:
@@ -262,6 +338,10 @@ class BackdoorDataModule(LightningDataModule):
             info.update(self.train_set.info())
         else:
             info.update({"attack": None, "poison_rate": 0.0})
+        if self.sanitization is not None:
+            info["sanitizer"] = {"name": self.sanitization.name, "removed": int(len(self.sanitization.removed)),
+                                 "removed_fingerprint": fingerprint(self.sanitization.removed),
+                                 **({} if self.sanitizer is None else self.sanitizer.hparams())}
         return info
 
     def _attack_record(self) -> Dict[str, Any]:
@@ -288,6 +368,7 @@ class BackdoorDataModule(LightningDataModule):
             state["test_poison_count"] = int(len(self.test_poisoned))
         if self.attack is not None:
             state.update(self._attack_record())
+        state.update(self._sanitizer_record())
         state["rng"] = capture_rng()
         return state
 
@@ -357,6 +438,7 @@ class BackdoorDataModule(LightningDataModule):
                     f"the poisoned test set rebuilt from the data ({len(self.test_poisoned)} samples, fingerprint "
                     f"{now}) differs from the checkpoint's ({state.get('test_poison_count')} samples, fingerprint "
                     f"{state['test_poison_fingerprint']}): the test data changed since the checkpoint")
+        self._verify_sanitizer(state)
 
     # -- rebuilding from a checkpoint ------------------------------------------------------------
     @classmethod
@@ -367,6 +449,8 @@ class BackdoorDataModule(LightningDataModule):
         data settings come from the checkpoint's ``datamodule_hyper_parameters``, the attack from
         the recorded attack name, arguments and buffers; the returned module is set up and its
         poisoned sets verified against the recorded indices and fingerprint.
+        A sanitised run's training set is rebuilt with the recorded removals (its sanitiser, which may
+        need a feature model, is not rebuilt; pass ``sanitizer=...`` to recompute and verify them).
 
         Args:
             path: a checkpoint written while fitting with a ``BackdoorDataModule``.
@@ -403,6 +487,8 @@ class BackdoorDataModule(LightningDataModule):
         kwargs.update(overrides)
         allowed = inspect.signature(cls.__init__).parameters
         dm = cls(**{k: v for k, v in kwargs.items() if k in allowed})
+        if "sanitizer_removed" in state and dm.sanitizer is None:
+            dm._recorded_removal = state  # the run's sanitised training set, without rebuilding its sanitiser
         dm.load_state_dict(state)
         dm.setup()
         return dm

@@ -33,6 +33,8 @@ class BackdoorClassifier(LightningModule):
     ``train/loss/{term.name}`` for each extra loss term, ``{stage}/ba``, ``{stage}/asr`` and
     ``{stage}/asr@noise{σ}`` for each ``noise_sigmas`` value (``stage`` in ``val``, ``test``).
     BA/ASR are torchmetrics with summed counters (correct under DDP).
+    At fit start, when the data module sanitised the training set (``BackdoorDataModule(sanitizer=...)``),
+    ``train/sanitiser/{precision,recall,auroc,removed,clean_removed}`` (docs/sanitizers.md).
 
     Validation/test loaders are ``[clean, poisoned]`` as built by
     :class:`~lightning_backdoor.data.BackdoorDataModule` (dataloader 0: BA, 1: ASR).
@@ -186,6 +188,7 @@ class BackdoorClassifier(LightningModule):
 
     def on_fit_start(self) -> None:
         self._log_backdoor_info()
+        self._log_sanitizer_metrics()
         dm = getattr(self.trainer, "datamodule", None)
         for term in self.loss_terms:
             if getattr(term, "requires_fit", False) and not getattr(term, "fitted", False):
@@ -208,6 +211,13 @@ class BackdoorClassifier(LightningModule):
         info = {"backdoor": dm.backdoor_info()}
         for logger in self.loggers:
             logger.log_hyperparams(info)
+
+    def _log_sanitizer_metrics(self) -> None:
+        """``train/sanitiser/*`` of a sanitised training set (docs/sanitizers.md), once per fit."""
+        dm = getattr(self.trainer, "datamodule", None)
+        metrics = dm.sanitizer_metrics() if hasattr(dm, "sanitizer_metrics") else {}
+        for logger in self.loggers if metrics else ():
+            logger.log_metrics(metrics, step=self.global_step)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
