@@ -20,13 +20,12 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from .cells import Cell, build_cells, read_result, run_cell
 from .config import EXECUTORS, MatrixConfig, MatrixConfigError, load_matrix_config, parse_matrix_config
 from .executors import RUNNERS
-from .report import aggregate, column_of, write_report
+from .report import column_of, write_report
 
 __all__ = ["Cell", "MatrixConfig", "MatrixConfigError", "build_cells", "load_matrix_config", "matrix_main",
            "parse_matrix_config", "read_result", "run_cell", "run_matrix"]
