@@ -64,6 +64,7 @@ def main() -> dict:
     parser.add_argument("--quick", action="store_true", help="2 epochs, 200 detection samples")
     args = parser.parse_args()
     epochs, samples = (2, 200) if args.quick else (args.epochs, 300)
+    batch_size = 32  # 130 steps per epoch: the 4,200 training digits are few for batches of 128
 
     L.seed_everything(0)
     images, labels = load_mnist5k()  # stored sorted by label: never slice it, split it at random
@@ -92,7 +93,7 @@ def main() -> dict:
     ]
     trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
                         enable_model_summary=False)
-    train = DataLoader(TensorDataset(x_train, y_train), batch_size=128, shuffle=True)
+    train = DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size, shuffle=True)
     trainer.fit(MyClassifier(), train, clean_val)
     results = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
     for key, value in sorted(results.items()):

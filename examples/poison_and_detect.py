@@ -33,7 +33,9 @@ def main() -> None:
     epochs, samples = (2, 200) if args.quick else (args.epochs, 300)
 
     L.seed_everything(0)
-    data = BackdoorDataModule("mnist5k", attack=create_attack(args.attack), target=0, rate=0.1)
+    # batches of 64: about 50 steps per epoch on the 3,300 training digits
+    data = BackdoorDataModule("mnist5k", attack=create_attack(args.attack), target=0, rate=0.1, batch_size=64,
+                              eval_batch_size=500)
     net = create_model("resnet20", num_classes=10, in_channels=1, **DATASET_STATS["mnist"])
     module = BackdoorClassifier(
         net,

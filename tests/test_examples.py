@@ -15,7 +15,7 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def run_example(name, *args, timeout=600):
+def run_example(name, *args, timeout=1800):
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--quick", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=EXAMPLES.parent)

@@ -35,7 +35,7 @@ def test_own_lightning_script_snippet_runs_with_believable_numbers(tmp_path):
     code = code.replace("max_epochs=5", "max_epochs=2").replace("every_n_epochs=5", "every_n_epochs=2")
     code += "\nimport json\nprint('RESULTS ' + json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()}))\n"
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=1800,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULTS "))
