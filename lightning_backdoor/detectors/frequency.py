@@ -39,6 +39,8 @@ class Frequency(Detector):
         seed: seed of the training.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
         >>> det = Frequency(epochs=1).fit(net, (torch.rand(8, 1, 8, 8), torch.arange(8) % 3))
         >>> det.score(net, torch.rand(2, 1, 8, 8)).shape

@@ -198,7 +198,7 @@ def removal_metrics(removed: Tensor, scores: Tensor, poisoned: Optional[Tensor])
     """
     from torchmetrics.functional.classification import binary_auroc
 
-    from ..metrics.detection import _ranks01
+    from ..metrics.detection import ranks01
 
     removed = removed.bool().cpu().reshape(-1)
     scores = scores.detach().double().cpu().reshape(-1)
@@ -219,7 +219,7 @@ def removal_metrics(removed: Tensor, scores: Tensor, poisoned: Optional[Tensor])
     npos = int(poisoned.sum())
     out["recall"] = tp / npos if npos else math.nan
     if 0 < npos < len(poisoned):
-        out["auroc"] = float(binary_auroc(_ranks01(scores), poisoned.long()))
+        out["auroc"] = float(binary_auroc(ranks01(scores), poisoned.long()))
     else:
         out["auroc"] = math.nan
     return out
