@@ -17,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def run_example(name, *args, timeout=1800):
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--quick", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=EXAMPLES.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULTS "))
@@ -30,15 +30,15 @@ def test_every_example_has_a_test():
 
 
 def test_add_callback_to_my_training_prints_believable_numbers():
-    results, _ = run_example("add_callback_to_my_training.py")
-    assert results["val/ba"] > 0.8, results  # 10 classes, 2 epochs of a small CNN on real digits
+    results, _ = run_example("add_callback_to_my_training.py")  # as a user runs it: 6 epochs, ~25 s
+    assert results["val/ba"] > 0.8, results  # 10 classes, 6 epochs of a small CNN on real digits
     assert results["val/asr"] > 0.8, results
     for det in ("scale_up", "ibd_psc", "strip"):
         assert 0.0 <= results[f"val/{det}/auroc"] <= 1.0, (det, results)
 
 
 def test_poison_and_detect_prints_believable_numbers():
-    results, _ = run_example("poison_and_detect.py")
+    results, _ = run_example("poison_and_detect.py", "--quick")  # 3 epochs, ~45 s
     assert results["test/ba"] > 0.8 and results["test/asr"] > 0.8, results
     for det in ("scale_up", "ibd_psc", "strip"):
         assert 0.0 <= results[f"test/{det}/auroc"] <= 1.0, (det, results)

@@ -31,8 +31,7 @@ def test_readme_has_exactly_the_two_setup_commands():
 def test_own_lightning_script_snippet_runs_with_believable_numbers(tmp_path):
     code = snippet("### In your own Lightning script")
     assert "max_epochs=5" in code and "every_n_epochs=5" in code
-    # CI-sized: two epochs instead of five, detection at the end of the second
-    code = code.replace("max_epochs=5", "max_epochs=2").replace("every_n_epochs=5", "every_n_epochs=2")
+    # run exactly as written (about a minute on 2 CPU cores)
     code += "\nimport json\nprint('RESULTS ' + json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()}))\n"
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=1800,
