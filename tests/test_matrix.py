@@ -152,3 +152,18 @@ def test_bad_matrix_configs_are_refused_clearly(tmp_path):
     assert [c.key for c in cells] == ["badnets-seed0", "badnets-seed1", "blended-seed0", "blended-seed1"]
     assert cells[1].config["seed_everything"] == 1 and cells[1].config["data"]["init_args"]["seed"] == 1
     assert cells[0].config["data"]["init_args"]["attack"]["class_path"].endswith("BadNets")
+
+
+def test_resume_reruns_a_finished_cell_whose_config_changed(tmp_path):
+    def one(overrides):
+        return parse_matrix_config({"name": "tiny", "cell": CELL, "seeds": [0], "attacks": {"badnets": ATTACKS["badnets"]},
+                                    "overrides": overrides, "out_dir": str(tmp_path),
+                                    "wandb": {"project": "lb-test", "offline": True}})
+
+    first = run_matrix(one({}), log=lambda *_: None, report=False)
+    assert first["results"][0]["status"] == "ok" and first["skipped"] == []
+    assert run_matrix(one({}), log=lambda *_: None, report=False)["skipped"] == ["badnets-seed0"]
+    messages = []
+    changed = run_matrix(one({"trainer.limit_test_batches": 1}), log=messages.append, report=False)
+    assert changed["skipped"] == [] and changed["results"][0]["status"] == "ok"
+    assert any("config changed" in m and "badnets-seed0" in m for m in messages)

@@ -20,9 +20,9 @@ import argparse
 import dataclasses
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from .cells import Cell, build_cells, read_result, run_cell
+from .cells import Cell, build_cells, config_digest, read_result, run_cell
 from .config import EXECUTORS, MatrixConfig, MatrixConfigError, load_matrix_config, parse_matrix_config
 from .executors import RUNNERS
 from .report import column_of, write_report
@@ -42,11 +42,18 @@ def run_matrix(cfg: MatrixConfig, *, resume: bool = True, report: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     cells = build_cells(cfg)
     done: Dict[str, Dict[str, Any]] = {}
+    changed: List[str] = []
     if resume:
         for c in cells:
             r = read_result(c.out_dir)
             if r is not None and r.get("status") == "ok":
-                done[c.key] = r
+                if r.get("config_digest") == config_digest(c.config):
+                    done[c.key] = r
+                else:  # the matrix config changed since this cell ran: its numbers are not this config's
+                    changed.append(c.key)
+    if changed:
+        log(f"matrix {cfg.name}: re-running {len(changed)} finished cell(s) whose config changed since they ran: "
+            + ", ".join(changed))
     pending = [c for c in cells if c.key not in done]
     log(f"matrix {cfg.name}: {len(cells)} cells, {len(done)} finished before, {len(pending)} to run "
         f"({cfg.executor.kind}, {cfg.executor.workers} worker(s)); outputs in {out}")

@@ -85,6 +85,14 @@ def _localise(config: Dict[str, Any], cfg: MatrixConfig, key: str, cell_dir: Pat
             cb.setdefault("init_args", {})["dirpath"] = str(cell_dir / "checkpoints")
 
 
+def config_digest(config: Dict[str, Any]) -> str:
+    """A fingerprint of a cell's config (sha256 of its canonical JSON): resume reuses a result only for
+    the config that produced it."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def read_result(cell_dir: str | os.PathLike) -> Optional[Dict[str, Any]]:
     """The cell's ``result.json``, or None if it has not finished."""
     path = Path(cell_dir) / RESULT_FILE
@@ -128,6 +136,7 @@ def run_cell(cell: Dict[str, Any], cpus: Optional[int] = None) -> Dict[str, Any]
     cfg_path = cell_dir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cell["config"], sort_keys=False))
     result: Dict[str, Any] = {k: cell[k] for k in ("key", "attack", "seed", "model", "dataset")}
+    result["config_digest"] = config_digest(cell["config"])
     threads = torch.get_num_threads()
     if cpus:
         torch.set_num_threads(int(cpus))
