@@ -234,6 +234,8 @@ def run_cli(args: Optional[List[str]] = None) -> BackdoorCLI:
             warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided")
         # the configs write last.ckpt into a fixed folder on purpose (a re-run overwrites it)
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        # Lightning 2.x's own use of a torch pytree API deprecated in torch 2.14: nothing a user can act on
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
         return BackdoorCLI(
             LightningModule,
             LightningDataModule,
