@@ -144,6 +144,9 @@ class BackdoorWandbLogger(WandbLogger):
             if kwargs.get(key):
                 kwargs[key] = os.path.abspath(os.fspath(kwargs[key]))
         super().__init__(*args, offline=offline, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning always passes anonymous=None; current wandb warns that the setting has no effect
+            self._wandb_init.pop("anonymous", None)
 
     def _with_init_timeout(self, settings: Any) -> Any:
         import wandb
