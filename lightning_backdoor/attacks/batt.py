@@ -31,7 +31,7 @@ class BATT(Attack):
     are rotated by ``angle`` (default 16°) or shifted by ``shift`` pixels and relabelled to the target.
 
     Trigger (``transform="rotate"``): ``x' = rotate(x, angle)``, counter-clockwise about the
-    centre, bilinear, zero fill — ``torchvision.transforms.v2.functional.rotate(x, angle)``.
+    centre, bilinear, zero fill — ``torchvision.transforms.v2.functional.rotate(x, angle, BILINEAR)``.
     ``transform="translate"``: ``x'`` is ``x`` moved ``dx`` pixels right and ``dy`` down, zero fill.
 
     Clean images (``clean_train_transform``): a share ``clean_p`` of the clean training images is
@@ -54,10 +54,11 @@ class BATT(Attack):
 
     Example:
         >>> import torch
+        >>> from torchvision.transforms import InterpolationMode
         >>> from torchvision.transforms.v2 import functional as TF
         >>> a = BATT(angle=16.0)
         >>> x = torch.rand(2, 3, 32, 32)
-        >>> torch.allclose(a(x), TF.rotate(x, 16.0), atol=1e-5)
+        >>> torch.allclose(a(x), TF.rotate(x, 16.0, InterpolationMode.BILINEAR), atol=1e-5)
         True
     """
 
