@@ -12,7 +12,7 @@ Example:
     >>> rows = trigger_rows(BadNets(seed=0), torch.rand(4, 1, 28, 28))
     >>> list(rows)
     ['clean', 'poisoned', 'difference']
-    >>> trigger_grid(rows).shape                 # 3 rows of 4 images of 28x28, 2-pixel gaps, RGB
+    >>> trigger_grid(rows).shape                 # 3 rows of 4 images of 28x28, 2-pixel grey gaps, RGB
     (88, 118, 3)
 """
 
@@ -50,10 +50,11 @@ def trigger_rows(attack, x: Tensor, seed: int = 0) -> Dict[str, Tensor]:
     return rows
 
 
-def trigger_grid(rows: Dict[str, Tensor], pad: int = 2) -> np.ndarray:
+def trigger_grid(rows: Dict[str, Tensor], pad: int = 2, pad_value: float = 0.35) -> np.ndarray:
     """One ``uint8`` RGB image ``[H, W, 3]``: each entry of ``rows`` (``[N, C, H, W]`` in ``[0, 1]``) is a row.
 
-    Grey images are repeated over RGB; ``pad`` black pixels separate the images.
+    Grey images are repeated over RGB; ``pad`` pixels of grey level ``pad_value`` separate the images
+    (grey, so that black image borders stay visible).
     """
     tensors = [t.detach().float().cpu().clamp(0, 1) for t in rows.values()]
     if not tensors:
@@ -61,7 +62,7 @@ def trigger_grid(rows: Dict[str, Tensor], pad: int = 2) -> np.ndarray:
     n, _, h, w = tensors[0].shape
     if any(t.shape[0] != n or t.shape[-2:] != (h, w) for t in tensors):
         raise ValueError("every row must hold the same number of images of the same size")
-    grid = torch.zeros(3, len(tensors) * (h + pad) - pad, n * (w + pad) - pad)
+    grid = torch.full((3, len(tensors) * (h + pad) - pad, n * (w + pad) - pad), float(pad_value))
     for r, t in enumerate(tensors):
         t = t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t[:, :3]
         for i in range(n):
