@@ -86,6 +86,25 @@ def test_every_attack_deterministic_and_leaves_global_rng(name):
 
 
 @pytest.mark.parametrize("name", list_attacks())
+def test_every_attack_train_time_trigger_and_clean_hook(name):
+    """train_trigger defaults to the test-time trigger; clean_train_transform to the identity (attacks/base.py)."""
+    a = _make(name, seed=2)
+    x = _rand(4, 1, 28, 28)
+    train = a.train_trigger(x, torch.Generator().manual_seed(0))
+    assert train.shape == x.shape and train.min() >= 0 and train.max() <= 1 and not torch.equal(train, x)
+    assert torch.equal(train, a.train_trigger(x, torch.Generator().manual_seed(0)))
+    if a.differs_at_train_time:
+        assert not torch.equal(train, a(x))
+        assert a.sample_seeded  # random train-time triggers must be reproducible per sample
+    else:
+        assert torch.equal(train, a(x))
+    clean = a.clean_train_transform(x, torch.Generator().manual_seed(0))
+    assert torch.equal(clean, x) != a.transforms_clean_images
+    assert a.train_trigger(x[0], torch.Generator().manual_seed(0)).shape == x[0].shape
+    assert 0 < a.default_rate <= 1
+
+
+@pytest.mark.parametrize("name", list_attacks())
 @pytest.mark.parametrize("use_before_save", [True, False])
 def test_every_attack_state_dict_round_trip(name, use_before_save):
     x = _rand(4, 3, 24, 40)
