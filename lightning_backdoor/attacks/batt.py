@@ -48,7 +48,7 @@ class BATT(Attack):
         transform: ``"rotate"`` (default) or ``"translate"``.
         angle: rotation in degrees, ``0 < |angle| < 360`` (default 16).
         shift: ``(dx, dy)`` pixels for ``"translate"``, not ``(0, 0)`` (default ``(3, 3)``).
-        clean_strength: clean jitter relative to the trigger, ``[0, 1)`` (default 0.5; 0: none).
+        clean_strength: clean jitter relative to the trigger, ``[0, 1)`` (default 0.25, i.e. ±4° for the 16° trigger; 0: none).
         clean_p: share of clean training images jittered, ``[0, 1]`` (default 0.5).
         seed: seed of clean-image draws without a generator.
 
@@ -70,7 +70,7 @@ class BATT(Attack):
         transform: str = "rotate",
         angle: float = 16.0,
         shift: Sequence[int] = (3, 3),
-        clean_strength: float = 0.5,
+        clean_strength: float = 0.25,
         clean_p: float = 0.5,
         seed: int = 0,
     ) -> None:
