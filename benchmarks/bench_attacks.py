@@ -21,8 +21,10 @@ without touching this file; ``--attacks`` takes comma-separated fnmatch patterns
   ``--tp-rounds`` rounds of ``--tp-batches`` full training steps (loading included) on a fresh model,
   alternating the clean and the poisoned data module, ratio of the medians.
 
-Prints a Markdown table. Run time: about 2 minutes per attack at the default 3 epochs with one
-thread on a quiet 2-core machine (so 8 attacks + the clean model in about 20 minutes).
+Prints a Markdown table. Run time, measured: ``--epochs 4`` took 2,138 s for the clean model and
+seven attacks on a 2-core machine shared with other jobs (load about 8; 40-80 s per epoch, about
+4.5 minutes per model). The default 3 epochs at the ~25-35 s per epoch seen under lighter load
+make about 2 minutes per model, so a clean model and 8 attacks in about 18-20 minutes (estimated).
 """
 
 from __future__ import annotations
