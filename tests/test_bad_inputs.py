@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tiny_net import TinyResNet
 from lightning_backdoor import BackdoorClassifier, BackdoorDataModule
-from lightning_backdoor.attacks import BadNets, WaNet, create_attack
+from lightning_backdoor.attacks import BATT, AdaptiveBlend, AdaptivePatch, BadNets, PhysicalBA, WaNet, create_attack
 from lightning_backdoor.callbacks import BackdoorMetrics, DetectionCallback
 from lightning_backdoor.checkpoints import UnsafeCheckpointError, load_net_weights, safe_load
 from lightning_backdoor.data import CheckpointMismatchError, DatasetNotFoundError, PoisonedDataset
@@ -284,6 +284,27 @@ CASES = [
      "loss 'zero_one' is not convex"),
     ("certified-non-binary-labels", lambda t: feasible_set(torch.rand(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])),
      ValueError, "binary class indices"),
+    ("batt-zero-angle", lambda t: BATT(angle=0), ValueError, "angle=0 is a whole turn, so the rotation trigger would "
+     "be the identity"),
+    ("batt-zero-shift", lambda t: BATT(transform="translate", shift=(0, 0)), ValueError,
+     "shift=\\(0, 0\\) would make the trigger the identity"),
+    ("batt-shift-outside-image", lambda t: BATT(transform="translate", shift=(0, 28))(x), ValueError,
+     "moves the whole 28x28 image out of the frame"),
+    ("batt-clean-jitter-reaches-trigger", lambda t: BATT(clean_strength=1.0), ValueError,
+     "clean_strength must be in \\[0, 1\\)"),
+    ("adaptive-blend-more-pieces-than-pixels", lambda t: AdaptiveBlend(pieces=(32, 32))(x), ValueError,
+     "splits a 28x28 trigger into more pieces than it has pixels"),
+    ("adaptive-blend-pieces-not-square", lambda t: AdaptiveBlend(pieces=10), ValueError,
+     "pieces=10 is not a square number"),
+    ("adaptive-train-pieces-above-pieces", lambda t: AdaptiveBlend(pieces=16, train_pieces=20), ValueError,
+     "train_pieces=20 is more than the 16 pieces"),
+    ("adaptive-patch-more-pieces-than-pixels", lambda t: AdaptivePatch(patch_size=3, num_patches=100)(x), ValueError,
+     "num_patches=100 patches of 3x3 do not fit side by side in a 28x28 image"),
+    ("adaptive-patch-one-piece", lambda t: AdaptivePatch(num_patches=1), ValueError, "num_patches must be >= 2"),
+    ("physical-ba-scale-range", lambda t: PhysicalBA(scale=(0.9, 0.5)), ValueError,
+     "scale must be a \\(low, high\\) pair with 0 < low <= high <= 1"),
+    ("physical-ba-no-transforms", lambda t: PhysicalBA(degrees=0, scale=1.0, flip_p=0, brightness=0, contrast=0),
+     UserWarning, "every transform is off .* so this is BadNets"),
 ]
 
 

@@ -1,6 +1,7 @@
 """Every YAML under configs/ parses with the CLI; the CIFAR-10 configs run ``fit`` end to end on tiny data."""
 
 import contextlib
+import importlib
 import io
 import pickle
 import sys
@@ -50,7 +51,9 @@ def write_cifar10(root: Path, per_file: int, seed: int = 0) -> None:
 
 def test_configs_found():
     assert (CONFIGS / "quickstart.yaml") in ALL_CONFIGS
-    assert {p.name for p in CIFAR_CONFIGS} >= {"badnets_resnet18.yaml", "blended_resnet18.yaml", "wanet_resnet18.yaml"}
+    assert {p.name for p in CIFAR_CONFIGS} >= {"badnets_resnet18.yaml", "blended_resnet18.yaml", "wanet_resnet18.yaml",
+                                               "physical_ba_resnet18.yaml", "batt_resnet18.yaml",
+                                               "adaptive_patch_resnet18.yaml", "adaptive_blend_resnet18.yaml"}
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=ids(ALL_CONFIGS))
@@ -73,7 +76,11 @@ def test_cifar_config_contents(path):
     cfg = yaml.safe_load(path.read_text())
     data, model, trainer = cfg["data"]["init_args"], cfg["model"]["init_args"], cfg["trainer"]
     assert data["dataset"] == "cifar10" and data["root"] == "data/cifar10"
-    assert data["rate"] == 0.1 and data["target"] == 0 and data["batch_size"] == 128 and data["num_workers"] == 4
+    # the attack's paper rate (Attack.default_rate: 10% for most, 0.3% for Adap-Patch/Adap-Blend)
+    module_name, cls_name = data["attack"]["class_path"].rsplit(".", 1)
+    expected_rate = getattr(importlib.import_module(module_name), cls_name).default_rate
+    assert data["rate"] == expected_rate and data["target"] == 0 and data["batch_size"] == 128
+    assert data["num_workers"] == 4
     net = model["net"]["init_args"]
     assert model["net"]["class_path"].endswith("CifarResNet")
     assert net["num_blocks"] == [2, 2, 2, 2] and net["width"] == 64

@@ -4,20 +4,30 @@
     attack = create_attack("badnets", patch_size=3, seed=0).build(3, 32, 32)
     x_poisoned = attack(x)              # [N, C, H, W] or [C, H, W], same device/dtype as x
 
+Train-time and test-time triggers may differ: ``attack(x)`` is the test-time trigger,
+``attack.train_trigger(x, generator)`` the one poisoned training samples get (see ``base.py``).
+
 The formulas live in :mod:`lightning_backdoor.attacks.functional` (pure torch).
 """
 
 from . import functional
+from .adaptive import AdaptiveBlend, AdaptivePatch
 from .badnets import BadNets
 from .base import ATTACKS, Attack, create_attack, list_attacks
+from .batt import BATT
 from .blended import Blended
+from .physical_ba import PhysicalBA
 from .wanet import WaNet
 
 __all__ = [
     "ATTACKS",
+    "AdaptiveBlend",
+    "AdaptivePatch",
     "Attack",
+    "BATT",
     "BadNets",
     "Blended",
+    "PhysicalBA",
     "WaNet",
     "create_attack",
     "functional",

@@ -13,6 +13,21 @@ How the data pipeline uses an attack (see ``lightning_backdoor.data.PoisonedData
   whose label *is* the target are triggered and labels are kept.
 - ``cover_ratio > 0``: a further ``cover_ratio * rate`` share of samples gets ``cover(x)`` and keeps
   its true label (WaNet's noise mode; Adap-Patch/Blend's regularisation samples).
+- **Train-time and test-time triggers may differ.** ``forward``/``apply_trigger(x)`` is the
+  *test-time* trigger (poisoned validation/test sets, ASR, detectors, W&B previews). Poisoned
+  *training* samples get ``train_trigger(x, generator)``, whose default is the test-time trigger;
+  PhysicalBA overrides it with random physical transforms, Adap-Patch/Adap-Blend with a random
+  subset of the trigger's pieces.
+- ``clean_train_transform(x, generator)``: what the *clean* training samples (neither poisoned nor
+  cover) get; identity by default. BATT rotates/shifts them mildly so that only the trigger's
+  exact transformation is a shortcut to the target.
+- ``sample_seeded``: when True, the data pipeline hands ``train_trigger``, ``cover`` and
+  ``clean_train_transform`` a CPU generator seeded from ``(poison seed, dataset index)``, so each
+  sample's random draw is fixed: the same every epoch, with any number of workers and after a
+  resume. When False (WaNet), they get ``generator=None`` and draw from the global RNG (restored
+  on resume by the data module).
+- ``default_rate``: the poison rate of the attack's paper setting, used by the benchmark and the
+  gallery when no rate is given (the data module's ``rate`` always decides in a run).
 - ``requires_fit``: attacks that need data or a surrogate model before they can trigger
   (LC, TUAP, NARCISSUS, ISSBA's encoder) implement ``fit(dataset, target, model=None)``; the
   datamodule calls it once before building poisoned sets.
@@ -75,6 +90,8 @@ class Attack(nn.Module):
     dirty_label: bool = True
     requires_fit: bool = False
     cover_ratio: float = 0.0
+    sample_seeded: bool = False
+    default_rate: float = 0.1
     #: Buffers registered as ``None`` and materialised on first use / ``build``. A fresh instance
     #: adopts them from a ``state_dict`` that holds them, so checkpoints restore the exact trigger.
     _lazy_buffers: Tuple[str, ...] = ()
@@ -93,6 +110,56 @@ class Attack(nn.Module):
         ``parent.apply(init_fn)`` must keep working when an attack is a submodule.
         """
         raise NotImplementedError
+
+    def train_trigger(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The training-time trigger of poisoned training samples (default: the test-time trigger).
+
+        Args:
+            x: clean images ``[N, C, H, W]`` or ``[C, H, W]`` in ``[0, 1]``.
+            generator: random source of attacks with a random training-time trigger (any device;
+                ``None``: the global RNG). Ignored by attacks whose two triggers are the same.
+
+        Example:
+            >>> import torch
+            >>> from lightning_backdoor.attacks import BadNets
+            >>> a, x = BadNets(seed=0), torch.rand(2, 1, 8, 8)
+            >>> torch.equal(a.train_trigger(x), a(x))
+            True
+        """
+        x = check_images(x, "x", allow_single=True)
+        single = x.dim() == 3
+        xb = x.unsqueeze(0) if single else x
+        out = self.apply_train_trigger(xb, generator)
+        return out[0] if single else out
+
+    def apply_train_trigger(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Batched training-time trigger on a checked ``[N, C, H, W]`` batch; default ``apply_trigger(x)``."""
+        return self.apply_trigger(x)
+
+    def clean_train_transform(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """What clean training images (neither poisoned nor cover) get before augmentation; identity by default.
+
+        Same arguments as :meth:`train_trigger`.
+        """
+        x = check_images(x, "x", allow_single=True)
+        single = x.dim() == 3
+        xb = x.unsqueeze(0) if single else x
+        out = self.apply_clean_train_transform(xb, generator)
+        return out[0] if single else out
+
+    def apply_clean_train_transform(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Batched form of :meth:`clean_train_transform` (subclasses override it); identity by default."""
+        return x
+
+    @property
+    def transforms_clean_images(self) -> bool:
+        """Whether this attack changes clean training images (it overrides ``apply_clean_train_transform``)."""
+        return type(self).apply_clean_train_transform is not Attack.apply_clean_train_transform
+
+    @property
+    def differs_at_train_time(self) -> bool:
+        """Whether the training-time trigger differs from the test-time one (``apply_train_trigger`` overridden)."""
+        return type(self).apply_train_trigger is not Attack.apply_train_trigger
 
     def cover(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Cover (label-keeping) variant for ``cover_ratio > 0`` attacks; identity otherwise."""

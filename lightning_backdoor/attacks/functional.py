@@ -10,6 +10,10 @@ Formulas:
 - patch stamping (BadNets, Gu et al. 2017): ``x' = (1 - m) * x + m * p``
 - blending (Blended, Chen et al. 2017): ``x' = (1 - alpha) * x + alpha * p``
 - warping (WaNet, Nguyen & Tran, ICLR 2021): ``x' = grid_sample(x, identity + s * upsample(noise_k))``
+- affine transforms (BATT's rotation, PhysicalBA's shrink/rotate/flip): ``x'(p) = x(A^-1 (p - t))``
+  about the image centre, bilinear, zero fill (torchvision's ``rotate``/``affine`` convention)
+- colour jitter (PhysicalBA): ``x' = clamp((clamp(b x) - m) c + m)``, ``m`` the grey mean
+- piece masks (Adap-Blend/Adap-Patch): a ``rows x cols`` grid of cells, a random subset kept per sample
 
 Example:
     >>> import torch
@@ -46,6 +50,13 @@ __all__ = [
     "wanet_grid",
     "wanet_noise_grid",
     "warp",
+    "affine",
+    "rotate",
+    "translate",
+    "adjust_brightness_contrast",
+    "random_subsets",
+    "grid_cells",
+    "piece_mask",
 ]
 
 #: Named patch locations accepted by :func:`resolve_location`.
@@ -380,3 +391,182 @@ def warp(x: Tensor, grid: Tensor, mode: str = "bilinear") -> Tensor:
     grid = grid.to(device=x.device, dtype=work).expand(x.shape[0], -1, -1, -1)
     out = F.grid_sample(x.to(work), grid, mode=mode, padding_mode="border", align_corners=True)
     return out.clamp(0, 1).to(x.dtype)
+
+
+# -- affine transforms (BATT, PhysicalBA) --------------------------------------------------------
+def _per_sample(v: float | Tensor, n: int, like: Tensor) -> Tensor:
+    t = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    return t.expand(n) if t.dim() == 0 else t.reshape(n).to(like)
+
+
+def affine(
+    x: Tensor,
+    angle: float | Tensor = 0.0,
+    scale: float | Tensor = 1.0,
+    translate: Tuple[float | Tensor, float | Tensor] = (0.0, 0.0),
+    hflip: bool | Tensor = False,
+) -> Tensor:
+    """Per-sample affine transform about the image centre, bilinear with zero fill.
+
+    The output pixel at offset ``p`` from the centre (in pixels, ``y`` down) shows the input at
+    ``F R(angle)^-1 (p - t) / scale``: content is (optionally) flipped left-right, rotated
+    counter-clockwise by ``angle`` degrees, scaled by ``scale`` and moved by ``t = (tx, ty)``
+    pixels. This is ``torchvision.transforms.v2.functional.rotate``'s convention (``align_corners=False``
+    sampling, zero fill); torchvision's ``affine`` equals it with ``-angle`` (it turns clockwise).
+    Batched with one transform per sample.
+
+    Args:
+        x: images ``[N, C, H, W]``.
+        angle: degrees, a float or a ``[N]`` tensor.
+        scale: ``> 0``, a float or ``[N]`` (``< 1`` shrinks the content; the border is zero).
+        translate: ``(tx, ty)`` in pixels, floats or ``[N]`` tensors.
+        hflip: flip left-right before rotating, a bool or a ``[N]`` bool tensor.
+
+    Returns:
+        ``[N, C, H, W]`` in the dtype and on the device of ``x``, clamped to ``[0, 1]``.
+
+    Example:
+        >>> x = torch.rand(2, 1, 8, 8)
+        >>> torch.allclose(affine(x, angle=0.0), x, atol=1e-6)
+        True
+        >>> torch.allclose(affine(x, hflip=True), x.flip(-1), atol=1e-6)
+        True
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [N, C, H, W], got shape {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    ref = torch.empty(0, dtype=torch.float64 if x.device.type != "mps" else torch.float32, device=x.device)
+    a = torch.deg2rad(_per_sample(angle, n, ref))
+    s = _per_sample(scale, n, ref)
+    if bool((s <= 0).any()):
+        raise ValueError(f"scale must be > 0, got {s.min().item()}")
+    tx, ty = _per_sample(translate[0], n, ref), _per_sample(translate[1], n, ref)
+    flip = torch.as_tensor(hflip, device=x.device).expand(n).to(ref.dtype)
+    fx = 1 - 2 * flip  # -1 flips
+    cos, sin = torch.cos(a), torch.sin(a)
+    # M = F R^-1 / s in pixel coordinates (y down, counter-clockwise visual rotation)
+    m00, m01 = fx * cos / s, -fx * sin / s
+    m10, m11 = sin / s, cos / s
+    # to align_corners=False normalised coordinates: D^-1 M D with D = diag(W/2, H/2)
+    t00, t01 = m00, m01 * h / w
+    t10, t11 = m10 * w / h, m11
+    off_x = -(m00 * tx + m01 * ty) / (w / 2)
+    off_y = -(m10 * tx + m11 * ty) / (h / 2)
+    theta = torch.stack((torch.stack((t00, t01, off_x), -1), torch.stack((t10, t11, off_y), -1)), 1)
+    grid = F.affine_grid(theta.to(work), [n, x.shape[1], h, w], align_corners=False)
+    out = F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.clamp(0, 1).to(x.dtype)
+
+
+def rotate(x: Tensor, angle: float | Tensor) -> Tensor:
+    """Rotate images counter-clockwise by ``angle`` degrees about the centre (bilinear, zero fill).
+
+    BATT (Xu et al., 2023): the rotation itself is the trigger. Equals
+    ``torchvision.transforms.v2.functional.rotate(x, angle, InterpolationMode.BILINEAR)``.
+
+    Example:
+        >>> x = torch.zeros(1, 1, 5, 5); x[0, 0, 0, 2] = 1.0     # a dot above the centre
+        >>> rotate(x, 90.0)[0, 0, 2, 0].item() > 0.99          # a quarter turn left: now left of it
+        True
+    """
+    return affine(x, angle=angle)
+
+
+def translate(x: Tensor, dx: int, dy: int) -> Tensor:
+    """Shift images by whole pixels, ``dx`` right and ``dy`` down, filling with zeros (exact, no resampling).
+
+    Example:
+        >>> x = torch.arange(1, 5.0).reshape(1, 1, 2, 2) / 4
+        >>> translate(x, 1, 0)[0, 0]
+        tensor([[0.0000, 0.2500],
+                [0.0000, 0.7500]])
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [N, C, H, W], got shape {tuple(x.shape)}")
+    for name, v in (("dx", dx), ("dy", dy)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int number of pixels, got {v!r}")
+    h, w = x.shape[-2:]
+    out = torch.zeros_like(x)
+    if abs(dx) >= w or abs(dy) >= h:
+        return out
+    src_r = slice(max(0, -dy), h - max(0, dy))
+    dst_r = slice(max(0, dy), h - max(0, -dy))
+    src_c = slice(max(0, -dx), w - max(0, dx))
+    dst_c = slice(max(0, dx), w - max(0, -dx))
+    out[:, :, dst_r, dst_c] = x[:, :, src_r, src_c]
+    return out
+
+
+def adjust_brightness_contrast(x: Tensor, brightness: float | Tensor = 1.0, contrast: float | Tensor = 1.0) -> Tensor:
+    """Colour jitter: ``y = clamp(b x)``, then ``clamp((y - m) c + m)`` with ``m`` the mean grey level of ``y``.
+
+    Per-sample factors (``[N]`` tensors) or one float; 1 leaves the image unchanged. The grey level
+    of RGB images uses the ITU-R 601 weights (0.299, 0.587, 0.114), as torchvision does.
+
+    Example:
+        >>> x = torch.full((1, 1, 2, 2), 0.5)
+        >>> adjust_brightness_contrast(x, brightness=1.2).flatten().tolist()
+        [0.6000000238418579, 0.6000000238418579, 0.6000000238418579, 0.6000000238418579]
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [N, C, H, W], got shape {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    b = _per_sample(brightness, n, x).view(n, 1, 1, 1)
+    k = _per_sample(contrast, n, x).view(n, 1, 1, 1)
+    y = (x * b).clamp(0, 1)
+    if c == 3:
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        grey = (y * weights).sum(1, keepdim=True)
+    else:
+        grey = y.mean(1, keepdim=True)
+    m = grey.mean(dim=(1, 2, 3), keepdim=True)
+    return ((y - m) * k + m).clamp(0, 1)
+
+
+# -- trigger pieces (Adap-Blend, Adap-Patch) -----------------------------------------------------
+def random_subsets(n: int, pieces: int, k: int, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> Tensor:
+    """``[n, pieces]`` bool: each row marks ``k`` of the ``pieces`` chosen uniformly at random.
+
+    Drawn on the generator's device (CPU when ``generator`` is None), returned on ``device``.
+
+    Example:
+        >>> m = random_subsets(3, 16, 8, generator=seeded_generator(0))
+        >>> m.shape, m.sum(1).tolist()
+        (torch.Size([3, 16]), [8, 8, 8])
+    """
+    if not 0 <= k <= pieces:
+        raise ValueError(f"k must be in [0, {pieces}] (the number of pieces), got {k}")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    order = torch.rand((n, pieces), generator=generator, device=gen_device).argsort(dim=1)
+    chosen = torch.zeros((n, pieces), dtype=torch.bool, device=gen_device)
+    chosen.scatter_(1, order[:, :k], True)
+    return chosen.to(device if device is not None else gen_device)
+
+
+def grid_cells(height: int, width: int, rows: int, cols: int, device: torch.device | str | None = None) -> Tensor:
+    """``[height, width]`` long tensor: the index ``r * cols + c`` of the grid cell of each pixel.
+
+    Cell ``(r, c)`` holds rows ``floor(r H / rows)`` to ``floor((r + 1) H / rows) - 1`` (and so for
+    columns), so every cell is non-empty when ``rows <= H`` and ``cols <= W``.
+
+    Example:
+        >>> grid_cells(4, 4, 2, 2)
+        tensor([[0, 0, 1, 1],
+                [0, 0, 1, 1],
+                [2, 2, 3, 3],
+                [2, 2, 3, 3]])
+    """
+    if rows > height or cols > width or rows < 1 or cols < 1:
+        raise ValueError(f"a {rows}x{cols} grid of pieces does not fit a {height}x{width} image: each piece needs at "
+                         f"least one pixel (rows <= {height}, cols <= {width})")
+    r = torch.div(torch.arange(height, device=device) * rows, height, rounding_mode="floor")
+    c = torch.div(torch.arange(width, device=device) * cols, width, rounding_mode="floor")
+    return r[:, None] * cols + c[None, :]
+
+
+def piece_mask(chosen: Tensor, cells: Tensor) -> Tensor:
+    """``[N, 1, H, W]`` 0/1 mask of the chosen cells: ``chosen[N, pieces]`` bool, ``cells`` from :func:`grid_cells`."""
+    return chosen[:, cells].unsqueeze(1)

@@ -3,9 +3,14 @@
 Pipeline of one training sample (documented in the README too)::
 
     base dataset  ->  image in pixel space [0, 1] (ToImage + ToDtype(scale=True), Resize if any)
-                  ->  trigger (if the index is poisoned; or the cover variant if it is a cover sample)
+                  ->  trigger (if the index is poisoned: the attack's train-time trigger, ``train_trigger``;
+                      the cover variant if it is a cover sample; ``clean_train_transform`` otherwise)
                   ->  augmentation (random crop / flip, tensor transforms)
                   ->  model, whose first layer is Normalize
+
+Evaluation sets (``mode="test"``) get the test-time trigger ``attack(x)``. Attacks with
+``sample_seeded = True`` get a generator seeded from ``(seed, dataset index)`` for their random
+draws, so a sample's training-time trigger is the same in every epoch and after a resume.
 
 So the trigger is applied in pixel space *before* augmentation (a patch may move with a random
 crop, as a physical trigger would) and *before* normalisation (which lives inside the model).
@@ -221,6 +226,16 @@ class PoisonedDataset(Dataset):
         self._cover_mask = torch.zeros(n, dtype=torch.bool)
         self._cover_mask[self.cover_indices] = True
         self._relabel = dirty or mode == "test"
+        # train-time trigger / clean-image hook (attacks/base.py): the test-time trigger and no hook by default
+        self._train_time = mode == "train" and hasattr(attack, "train_trigger")
+        self._clean_hook = mode == "train" and bool(getattr(attack, "transforms_clean_images", False))
+        self._seeded = bool(getattr(attack, "sample_seeded", False))
+
+    def _sample_generator(self, index: int) -> torch.Generator | None:
+        """Per-sample CPU generator seeded from ``(seed, index)`` for ``sample_seeded`` attacks, else None (global RNG)."""
+        if not self._seeded:
+            return None
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1))
 
     def _select_cover(self, cover_ratio: float) -> Tensor:
         if cover_ratio <= 0:
@@ -245,9 +260,11 @@ class PoisonedDataset(Dataset):
         y = int(y)
         poisoned = bool(self._poison_mask[index])
         if poisoned:
-            x = self.attack(x)
+            x = self.attack.train_trigger(x, self._sample_generator(index)) if self._train_time else self.attack(x)
         elif self._cover_mask[index]:
-            x = self.attack.cover(x.unsqueeze(0))[0]
+            x = self.attack.cover(x.unsqueeze(0), generator=self._sample_generator(index))[0]
+        elif self._clean_hook:
+            x = self.attack.clean_train_transform(x, self._sample_generator(index))
         if self.transform is not None:
             x = self.transform(x)
         label = self.target if poisoned and self._relabel else y

@@ -35,6 +35,10 @@ class BackdoorClassifier(LightningModule):
     BA/ASR are torchmetrics with summed counters (correct under DDP).
     At fit start, when the data module sanitised the training set (``BackdoorDataModule(sanitizer=...)``),
     ``train/sanitiser/{precision,recall,auroc,removed,clean_removed}`` (docs/sanitizers.md).
+    Once per run (at the start of a fit from step 0, not again on resume), W&B loggers get
+    ``attack/trigger_grid``: an image of clean / poisoned / difference rows (plus the training-time
+    trigger and clean-image transform where the attack has them) of 8 seeded test images, for the
+    data module's attack (:mod:`lightning_backdoor.attacks.preview`).
 
     Validation/test loaders are ``[clean, poisoned]`` as built by
     :class:`~lightning_backdoor.data.BackdoorDataModule` (dataloader 0: BA, 1: ASR).
@@ -189,6 +193,7 @@ class BackdoorClassifier(LightningModule):
     def on_fit_start(self) -> None:
         self._log_backdoor_info()
         self._log_sanitizer_metrics()
+        self._log_attack_grid()
         dm = getattr(self.trainer, "datamodule", None)
         for term in self.loss_terms:
             if getattr(term, "requires_fit", False) and not getattr(term, "fitted", False):
@@ -211,6 +216,31 @@ class BackdoorClassifier(LightningModule):
         info = {"backdoor": dm.backdoor_info()}
         for logger in self.loggers:
             logger.log_hyperparams(info)
+
+    def _log_attack_grid(self, num_images: int = 8) -> None:
+        """``attack/trigger_grid`` to W&B loggers, once per run (a fresh fit; a resumed one has logged it)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
+        dm = getattr(self.trainer, "datamodule", None)
+        attack = getattr(dm, "attack", None)
+        resumed = getattr(self.trainer, "ckpt_path", None) is not None or self.trainer.global_step > 0
+        if not loggers or attack is None or resumed or self.trainer.global_rank != 0:
+            return
+        try:
+            from ..attacks.preview import trigger_grid, trigger_rows
+            from ..utils import random_subset
+
+            clean = dm.test_clean
+            picks = random_subset(len(clean), min(num_images, len(clean)), seed=int(getattr(dm, "seed", 0)))
+            x = torch.stack([clean[int(i)][0] for i in picks])
+            rows = trigger_rows(attack, x, seed=int(getattr(dm, "seed", 0)))
+            caption = f"{getattr(attack, 'name', type(attack).__name__)}: rows " + " / ".join(rows)
+            for lg in loggers:
+                lg.log_image(key="attack/trigger_grid", images=[trigger_grid(rows)], caption=[caption],
+                             step=self.trainer.global_step)
+        except Exception as e:  # a picture must never break training
+            warnings.warn(f"BackdoorClassifier: could not log attack/trigger_grid: {e!r}", UserWarning, stacklevel=2)
 
     def _log_sanitizer_metrics(self) -> None:
         """``train/sanitiser/*`` of a sanitised training set (docs/sanitizers.md), once per fit."""

@@ -68,15 +68,40 @@ def test_every_attack_on_shapes(name, shape):
 @pytest.mark.parametrize("name", list_attacks())
 def test_every_attack_deterministic_and_leaves_global_rng(name):
     x = _rand(3, 3, 32, 32)
+
+    def everything(a):
+        """Test-time trigger, train-time trigger and cover (one generator seed), clean-image hook (no generator)."""
+        return torch.cat([a(x), a.train_trigger(x, torch.Generator().manual_seed(0)),
+                          a.cover(x, generator=torch.Generator().manual_seed(0)), a.clean_train_transform(x)])
+
     state = torch.get_rng_state()
     a1 = _make(name, seed=7)
-    out1 = a1(x)
-    out2 = _make(name, seed=7)(x)
-    out3 = _make(name, seed=8)(x)
+    out1 = everything(a1)
+    out2 = everything(_make(name, seed=7))
+    out3 = everything(_make(name, seed=8))
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(out1, out2)
-    assert not torch.equal(out1, out3)
-    assert torch.equal(a1(x), out1)  # repeated calls give the same trigger
+    assert not torch.equal(out1, out3)  # the seed decides something (BATT's rotation itself has no random state)
+    assert torch.equal(a1(x), out1[:3])  # repeated calls give the same trigger
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_every_attack_train_time_trigger_and_clean_hook(name):
+    """train_trigger defaults to the test-time trigger; clean_train_transform to the identity (attacks/base.py)."""
+    a = _make(name, seed=2)
+    x = _rand(4, 1, 28, 28)
+    train = a.train_trigger(x, torch.Generator().manual_seed(0))
+    assert train.shape == x.shape and train.min() >= 0 and train.max() <= 1 and not torch.equal(train, x)
+    assert torch.equal(train, a.train_trigger(x, torch.Generator().manual_seed(0)))
+    if a.differs_at_train_time:
+        assert not torch.equal(train, a(x))
+        assert a.sample_seeded  # random train-time triggers must be reproducible per sample
+    else:
+        assert torch.equal(train, a(x))
+    clean = a.clean_train_transform(x, torch.Generator().manual_seed(0))
+    assert torch.equal(clean, x) != a.transforms_clean_images
+    assert a.train_trigger(x[0], torch.Generator().manual_seed(0)).shape == x[0].shape
+    assert 0 < a.default_rate <= 1
 
 
 @pytest.mark.parametrize("name", list_attacks())
