@@ -11,6 +11,9 @@ from . import functional
 from .badnets import BadNets
 from .base import ATTACKS, Attack, create_attack, list_attacks
 from .blended import Blended
+from .clean_label import TUAP, LabelConsistent, Narcissus
+from .fitted import FittedAttack
+from .issba import ISSBA
 from .wanet import WaNet
 
 __all__ = [
@@ -18,6 +21,11 @@ __all__ = [
     "Attack",
     "BadNets",
     "Blended",
+    "FittedAttack",
+    "ISSBA",
+    "LabelConsistent",
+    "Narcissus",
+    "TUAP",
     "WaNet",
     "create_attack",
     "functional",

@@ -188,8 +188,6 @@ class BackdoorDataModule(LightningDataModule):
         x0 = train_full[0][0]
         if self.attack is not None:
             self.attack.build(*x0.shape)
-            if getattr(self.attack, "requires_fit", False):
-                self.attack.fit(train_base, self.target)
         aug = self._augmentation(tuple(x0.shape[-2:])) if self.augment else None
 
         if self.attack is None:
@@ -197,6 +195,11 @@ class BackdoorDataModule(LightningDataModule):
         else:
             self.train_set = PoisonedDataset(train_base, self.attack, self.target, self.num_classes,
                                              self.rate, self.seed, "train", aug, labels=train_labels)
+            if getattr(self.attack, "requires_fit", False):
+                # once, before any poisoned sample is read; per-sample attacks store these samples' images
+                # (a no-op when the attack's fitted state was restored from a checkpoint)
+                self.attack.fit(train_base, self.target, indices=self.train_set.poison_indices)
+                self.attack.build(*x0.shape)
         val_base = Subset(train_full, val_idx.tolist())
         self.val_clean = CleanDataset(val_base)
         self.test_clean = CleanDataset(test)

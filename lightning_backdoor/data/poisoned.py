@@ -221,6 +221,22 @@ class PoisonedDataset(Dataset):
         self._cover_mask = torch.zeros(n, dtype=torch.bool)
         self._cover_mask[self.cover_indices] = True
         self._relabel = dirty or mode == "test"
+        self._cache: Tensor | None = None
+        if mode == "test" and getattr(attack, "per_sample", False):
+            self._cache = self._precompute()
+
+    def _precompute(self, batch_size: int = 256) -> Tensor:
+        """Per-sample triggers of the whole evaluation set, computed in batches on the attack's work device.
+
+        Stored as ``uint8`` (like the training-time poisoned images), in memory only.
+        """
+        device = self.attack._work_device() if hasattr(self.attack, "_work_device") else torch.device("cpu")
+        out = []
+        for start in range(0, len(self.indices), batch_size):
+            part = self.indices[start:start + batch_size].tolist()
+            xb = torch.stack([self.dataset[i][0] for i in part]).to(device)
+            out.append((self.attack(xb).clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+        return torch.cat(out)
 
     def _select_cover(self, cover_ratio: float) -> Tensor:
         if cover_ratio <= 0:
@@ -244,7 +260,11 @@ class PoisonedDataset(Dataset):
         x, y = self.dataset[index][:2]
         y = int(y)
         poisoned = bool(self._poison_mask[index])
-        if poisoned:
+        if poisoned and self._cache is not None:
+            x = self._cache[i].to(x.dtype) / 255.0
+        elif poisoned and self.mode == "train" and hasattr(self.attack, "poison_train"):
+            x = self.attack.poison_train(x, index)  # per-sample attacks: the image stored by fit
+        elif poisoned:
             x = self.attack(x)
         elif self._cover_mask[index]:
             x = self.attack.cover(x.unsqueeze(0))[0]
