@@ -111,8 +111,8 @@ class ISSBA(FittedAttack):
 
     def build(self, channels: int, height: int, width: int) -> "ISSBA":
         _check_image_shape(channels, height, width)
-        if self.enc_w1 is not None and self.enc_w1.shape[1] != channels:
-            raise ValueError(f"the fitted encoder takes {self.enc_w1.shape[1]}-channel images but the images have "
+        if self.enc_w3 is not None and self.enc_w3.shape[0] != channels:
+            raise ValueError(f"the fitted encoder takes {self.enc_w3.shape[0]}-channel images but the images have "
                              f"{channels}; fit a new ISSBA on this data")
         return self
 
