@@ -48,9 +48,27 @@ def write_cifar10(root: Path, per_file: int, seed: int = 0) -> None:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
 
 
+#: poison rates of the configs that do not use the 10% of the dirty-label attacks (clean-label: half the target class)
+PAPER_RATES = {"label_consistent_resnet18": 0.05, "tuap_resnet18": 0.05, "narcissus_resnet18": 0.0005}
+
+_TINY_SURROGATE = ["--data.init_args.attack.init_args.surrogate", "small_cnn",
+                   "--data.init_args.attack.init_args.surrogate_epochs", "1",
+                   "--data.init_args.attack.init_args.surrogate_width", "4"]
+#: the fitted attacks' ``fit`` shrunk to a few steps for the fast_dev_run (the configs' own settings are paper-scale)
+FAST_FIT = {
+    "label_consistent_resnet18": _TINY_SURROGATE + ["--data.init_args.attack.init_args.steps", "2"],
+    "tuap_resnet18": _TINY_SURROGATE + ["--data.init_args.attack.init_args.epochs", "1"],
+    "narcissus_resnet18": _TINY_SURROGATE + ["--data.init_args.attack.init_args.epochs", "1"],
+    "issba_resnet18": ["--data.init_args.attack.init_args.epochs", "1",
+                       "--data.init_args.attack.init_args.hidden", "4",
+                       "--data.init_args.attack.init_args.code_bits", "4"],
+}
+
+
 def test_configs_found():
     assert (CONFIGS / "quickstart.yaml") in ALL_CONFIGS
     assert {p.name for p in CIFAR_CONFIGS} >= {"badnets_resnet18.yaml", "blended_resnet18.yaml", "wanet_resnet18.yaml"}
+    assert {f"{stem}.yaml" for stem in FAST_FIT} <= {p.name for p in CIFAR_CONFIGS}
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=ids(ALL_CONFIGS))
@@ -73,7 +91,7 @@ def test_cifar_config_contents(path):
     cfg = yaml.safe_load(path.read_text())
     data, model, trainer = cfg["data"]["init_args"], cfg["model"]["init_args"], cfg["trainer"]
     assert data["dataset"] == "cifar10" and data["root"] == "data/cifar10"
-    assert data["rate"] == 0.1 and data["target"] == 0 and data["batch_size"] == 128 and data["num_workers"] == 4
+    assert data["rate"] == PAPER_RATES.get(path.stem, 0.1) and data["target"] == 0 and data["batch_size"] == 128 and data["num_workers"] == 4
     net = model["net"]["init_args"]
     assert model["net"]["class_path"].endswith("CifarResNet")
     assert net["num_blocks"] == [2, 2, 2, 2] and net["width"] == 64
@@ -108,6 +126,7 @@ def test_cifar_config_fast_dev_run(path, tmp_path):
         "--data.init_args.num_workers", "0",
         "--data.init_args.val_size", "8",
         "--data.init_args.defense_size", "8",
+        *FAST_FIT.get(path.stem, []),
     ])
     assert not (tmp_path / "wandb").exists()  # W&B disabled: nothing written, nothing sent
 

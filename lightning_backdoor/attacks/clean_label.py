@@ -115,7 +115,7 @@ class LabelConsistent(FittedAttack):
     def __init__(self, eps: float = 8 / 255, step_size: float = 1.5 / 255, steps: int = 100, patch_size: int = 3,
                  amplitude: float = 1.0, all_corners: bool = False, surrogate: SurrogateSpec = None,
                  surrogate_weights: Optional[str] = None, surrogate_epochs: int = 2,
-                 surrogate_samples: Optional[int] = 2000, surrogate_width: int = 16, batch_size: int = 256,
+                 surrogate_samples: Optional[int] = 2000, surrogate_width: Optional[int] = None, batch_size: int = 256,
                  device: Optional[str] = None, seed: int = 0) -> None:
         super().__init__(surrogate, surrogate_weights, surrogate_epochs, surrogate_samples, surrogate_width,
                          batch_size, device, seed)
@@ -261,7 +261,7 @@ class TUAP(_UniversalPerturbation):
     def __init__(self, eps: float = 16 / 255, step_size: float = 1 / 255, epochs: int = 5,
                  samples: Optional[int] = 1000, surrogate: SurrogateSpec = None,
                  surrogate_weights: Optional[str] = None, surrogate_epochs: int = 2,
-                 surrogate_samples: Optional[int] = 2000, surrogate_width: int = 16, batch_size: int = 256,
+                 surrogate_samples: Optional[int] = 2000, surrogate_width: Optional[int] = None, batch_size: int = 256,
                  device: Optional[str] = None, seed: int = 0) -> None:
         super().__init__(eps, step_size, epochs, samples, surrogate=surrogate, surrogate_weights=surrogate_weights,
                          surrogate_epochs=surrogate_epochs, surrogate_samples=surrogate_samples,
@@ -314,7 +314,7 @@ class Narcissus(_UniversalPerturbation):
     def __init__(self, eps: float = 16 / 255, step_size: float = 2 / 255, epochs: int = 30,
                  samples: Optional[int] = 500, test_multiplier: float = 3.0, surrogate: SurrogateSpec = None,
                  surrogate_weights: Optional[str] = None, surrogate_epochs: int = 2,
-                 surrogate_samples: Optional[int] = 2000, surrogate_width: int = 16, batch_size: int = 256,
+                 surrogate_samples: Optional[int] = 2000, surrogate_width: Optional[int] = None, batch_size: int = 256,
                  device: Optional[str] = None, seed: int = 0) -> None:
         super().__init__(eps, step_size, epochs, samples, surrogate=surrogate, surrogate_weights=surrogate_weights,
                          surrogate_epochs=surrogate_epochs, surrogate_samples=surrogate_samples,

@@ -10,7 +10,8 @@
   (:func:`~lightning_backdoor.checkpoints.load_net_weights`). Without weights the surrogate is
   **trained by the attack on the same data**: ``surrogate_epochs`` epochs of Adam (lr 3e-3, batch
   64) on a seeded random subset of ``surrogate_samples`` training images, the default
-  architecture being ``SmallCNN(width=surrogate_width)``. Training is seeded from ``seed`` and
+  architecture being ``SmallCNN(width=16)``. ``surrogate_width`` (if given) is passed as the
+  architecture's ``width`` (default SmallCNN or a named model; ``None``: its default). Training is seeded from ``seed`` and
   leaves the global RNG alone. The surrogate is *not* part of the attack's ``state_dict`` (only
   the trigger it produced is), so checkpoints do not carry it.
 - **per-sample triggers keyed by dataset index** (``per_sample = True``): ``fit(..., indices=...)``
@@ -110,7 +111,8 @@ class FittedAttack(Attack):
     sample_images: Optional[Tensor]
 
     def __init__(self, surrogate: SurrogateSpec = None, surrogate_weights: Optional[str] = None,
-                 surrogate_epochs: int = 2, surrogate_samples: Optional[int] = 2000, surrogate_width: int = 16,
+                 surrogate_epochs: int = 2, surrogate_samples: Optional[int] = 2000,
+                 surrogate_width: Optional[int] = None,
                  batch_size: int = 256, device: Optional[str] = None, seed: int = 0) -> None:
         super().__init__()
         if surrogate is not None and not isinstance(surrogate, (nn.Module, str)):
@@ -124,7 +126,7 @@ class FittedAttack(Attack):
         self.surrogate_epochs = check_positive_int(surrogate_epochs, "surrogate_epochs", allow_zero=True)
         self.surrogate_samples = None if surrogate_samples is None else check_positive_int(
             surrogate_samples, "surrogate_samples")
-        self.surrogate_width = check_positive_int(surrogate_width, "surrogate_width")
+        self.surrogate_width = None if surrogate_width is None else check_positive_int(surrogate_width, "surrogate_width")
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.device = None if device is None else str(torch.device(device))
         self.seed = check_seed(seed)
@@ -166,10 +168,11 @@ class FittedAttack(Attack):
         else:
             with preserved_rng():
                 torch.manual_seed(self.seed)
+                width = {} if self.surrogate_width is None else {"width": self.surrogate_width}
                 if spec is None:
-                    net = create_model("small_cnn", num_classes=num_classes, in_channels=c, width=self.surrogate_width)
+                    net = create_model("small_cnn", num_classes=num_classes, in_channels=c, **(width or {"width": 16}))
                 else:
-                    net = create_model(spec, num_classes=num_classes, in_channels=c)
+                    net = create_model(spec, num_classes=num_classes, in_channels=c, **width)
             net = net.to(self._work_device())
             trained = weights is None
         if weights is not None:

@@ -74,7 +74,7 @@ class ISSBA(FittedAttack):
                  max_residual: float = 0.05, epochs: int = 5, samples: Optional[int] = 2000, lr: float = 3e-3,
                  image_weight: float = 1.0, batch_size: int = 256, device: Optional[str] = None,
                  seed: int = 0) -> None:
-        super().__init__(None, None, 0, None, 1, batch_size, device, seed)
+        super().__init__(None, None, 0, None, None, batch_size, device, seed)
         self.hidden = check_positive_int(hidden, "hidden")
         self.code_bits = check_positive_int(code_bits, "code_bits")
         limit = STEGA.GRID * STEGA.GRID
