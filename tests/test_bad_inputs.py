@@ -284,6 +284,27 @@ CASES = [
      "loss 'zero_one' is not convex"),
     ("certified-non-binary-labels", lambda t: feasible_set(torch.rand(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])),
      ValueError, "binary class indices"),
+    ("attack-clean-label-no-target-samples",
+     lambda t: create_attack("label_consistent", steps=1).fit(TensorDataset(x, torch.tensor([0, 1, 2, 1])), 3),
+     ValueError, "clean-label attack but the dataset has no samples of the target class 3"),
+    ("attack-surrogate-wrong-classes",
+     lambda t: create_attack("tuap", surrogate=create_model("small_cnn", num_classes=2, in_channels=1, width=4)).fit(
+         TensorDataset(x, torch.tensor([0, 1, 2, 3])), 1),
+     ValueError, "surrogate outputs 2 logits but the data has 4 classes"),
+    ("attack-surrogate-wrong-channels",
+     lambda t: create_attack("narcissus", surrogate=create_model("small_cnn", in_channels=3, width=4)).fit(
+         TensorDataset(x, torch.tensor([0, 1, 2, 3])), 1),
+     ValueError, "surrogate takes 3-channel images but the data has 1 channels"),
+    ("attack-eps-not-positive", lambda t: create_attack("label_consistent", eps=0.0), ValueError, "eps must be > 0"),
+    ("attack-step-size-not-positive", lambda t: create_attack("tuap", step_size=-1 / 255), ValueError,
+     "step_size must be > 0"),
+    ("attack-pgd-steps-zero", lambda t: create_attack("label_consistent", steps=0), ValueError, "steps must be >= 1"),
+    ("attack-issba-code-too-long", lambda t: create_attack("issba", code_bits=4, code="10110"), ValueError,
+     "code has 5 bits but the encoder hides code_bits=4"),
+    ("attack-issba-code-bits-beyond-encoder", lambda t: create_attack("issba", code_bits=100), ValueError,
+     "code_bits=100 is longer than the encoder supports"),
+    ("attack-fitted-used-before-fit", lambda t: create_attack("tuap")(x), RuntimeError,
+     "has no perturbation yet: call fit"),
 ]
 
 
