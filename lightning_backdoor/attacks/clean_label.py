@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..utils import evaluating
 from ..validation import check_bool, check_images, check_positive_float, check_positive_int
 from . import adversarial as ADV
 from .base import ATTACKS, _check_image_shape
@@ -213,12 +214,13 @@ class _UniversalPerturbation(FittedAttack):
         delta = ADV.universal_perturbation(net, images, target, self.eps, self.step_size, self.epochs,
                                            batch_size=min(self.batch_size, 128), generator=g)
         self.delta = delta.detach().cpu()
-        with torch.no_grad():  # the surrogate's attack success on non-target images
-            others = torch.nonzero(labels != target).flatten()
+        others = torch.nonzero(labels != target).flatten()  # the surrogate's attack success on non-target images
+        if len(others):
             xs = dataset_images(dataset, others[_seeded_subset(len(others), 256, self.seed + 2)])
-            device = next(net.parameters()).device
-            hit = net(self._add(xs, self.test_multiplier).to(device)).argmax(1).eq(target).float().mean()
-        self.fit_info["surrogate_asr"] = float(hit)
+            with evaluating(net):
+                device = next(net.parameters()).device
+                hit = net(self._add(xs, self.test_multiplier).to(device)).argmax(1).eq(target).float().mean()
+            self.fit_info["surrogate_asr"] = float(hit)
 
     def _uap_hparams(self) -> Dict[str, Any]:
         return {"eps": self.eps, "step_size": self.step_size, "epochs": self.epochs, "samples": self.samples,

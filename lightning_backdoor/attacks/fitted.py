@@ -186,7 +186,7 @@ class FittedAttack(Attack):
                 ADV.train_classifier(net, x, y, self.surrogate_epochs,
                                      generator=torch.Generator().manual_seed(self.seed))
             self.fit_info["surrogate_train_acc"] = ADV.accuracy(net, x, y)
-        return net.eval()
+        return net  # callers run it under utils.evaluating (a given module keeps its own mode)
 
     # -- fit -----------------------------------------------------------------------------------------
     @property
