@@ -310,3 +310,30 @@ def test_resume_restores_the_checkpoints_per_sample_images(tmp_path):
     _trainer(tmp_path, max_epochs=2).fit(module2, other, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert torch.equal(other.attack.sample_images, saved)
     assert torch.equal(other.attack.sample_images, dm.attack.sample_images)
+
+
+def test_surrogate_module_and_weights_are_expressible_in_yaml(tmp_path, monkeypatch):
+    """LightningCLI builds a given surrogate from class_path/init_args and keeps surrogate_weights as a path."""
+    import contextlib
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from lightning_backdoor.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-backdoor"])
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    attack = {"class_path": "lightning_backdoor.attacks.LabelConsistent",
+              "init_args": {"steps": 5, "surrogate": {"class_path": "lightning_backdoor.models.SmallCNN",
+                                                      "init_args": {"in_channels": 1, "width": 4}},
+                            "surrogate_weights": "sur.pt"}}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["fit", "--config", str(quickstart), "--data.init_args.attack", yaml.safe_dump(attack),
+              "--print_config"])
+    printed = yaml.safe_load(out.getvalue())["data"]["init_args"]["attack"]["init_args"]
+    assert printed["surrogate"]["class_path"].endswith("SmallCNN") and printed["surrogate"]["init_args"]["width"] == 4
+    assert printed["surrogate_weights"] == "sur.pt" and printed["steps"] == 5
