@@ -2,7 +2,8 @@
 
     python benchmarks/bench_fitted_attacks.py [--epochs 4] [--width 8] [--attacks label_consistent tuap ...]
 
-Each attack is built plainly with its defaults (``create_attack(name)``) in
+Each attack is built with its defaults (``create_attack(name, **KWARGS.get(name, {}))``: only LC
+differs, see ``KWARGS``) in
 ``BackdoorDataModule("mnist5k", attack=..., target=0, rate=RATE)``; ``setup`` (which runs the
 attack's ``fit``: surrogate training plus PGD / perturbation / encoder training) is timed. Then a
 ResNet-20 (``create_model("resnet20", in_channels=1, width=--width)``) is trained for ``--epochs``
@@ -10,7 +11,7 @@ epochs of SGD (lr 0.05, momentum 0.9, cosine) with the data module's augmentatio
 test accuracy) and ASR (poisoned non-target test images classified as the target) are measured. A
 clean model trained the same way gives the BA reference. The rates are the ones recommended for
 the attack benchmark (clean-label attacks poison the target class only, whose share of the training
-set is about 0.1). Plain torch loop (no Lightning) to keep it short: about 6 minutes on 2 CPU cores
+set is about 0.1; NARCISSUS' paper rate of 0.05 % would be 2 images of MNIST-5k). Plain torch loop (no Lightning) to keep it short: about 6 minutes on 2 CPU cores
 with the defaults (width 8, 4 epochs: fewer and narrower than the quickstart, which the papers'
 ASR/BA goals assume; treat the numbers as a smoke test of the attacks, not as paper numbers).
 """
@@ -18,6 +19,7 @@ ASR/BA goals assume; treat the numbers as a smoke test of the attacks, not as pa
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from typing import Dict, Optional
@@ -29,7 +31,11 @@ from lightning_backdoor.attacks import create_attack
 from lightning_backdoor.data import BackdoorDataModule
 from lightning_backdoor.models import DATASET_STATS, create_model
 
-RATES = {"label_consistent": 0.08, "tuap": 0.08, "narcissus": 0.01, "issba": 0.1}
+RATES = {"label_consistent": 0.08, "tuap": 0.08, "narcissus": 0.05, "issba": 0.1}
+#: settings that differ from the defaults (the papers' CIFAR-10 values): on grey MNIST digits an 8/255 PGD
+#: barely makes an image hard and a single corner pattern is mostly black-on-black, so LC gets a larger
+#: budget and all four corners (with the defaults it reached ASR 0.01 here)
+KWARGS = {"label_consistent": {"eps": 32 / 255, "step_size": 4 / 255, "all_corners": True}}
 
 
 def train_and_eval(dm: BackdoorDataModule, epochs: int, width: int, seed: int = 0) -> Dict[str, float]:
@@ -61,7 +67,7 @@ def train_and_eval(dm: BackdoorDataModule, epochs: int, width: int, seed: int = 
 
 
 def run(name: Optional[str], args: argparse.Namespace) -> Dict[str, object]:
-    attack = create_attack(name) if name else None
+    attack = create_attack(name, **KWARGS.get(name, {})) if name else None
     start = time.perf_counter()
     dm = BackdoorDataModule("mnist5k", attack=attack, target=0, rate=RATES.get(name, 0.1), seed=0,
                             batch_size=128, eval_batch_size=500)
@@ -81,9 +87,14 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     warnings.filterwarnings("ignore")
-    rows = [run(None, args)] + [run(a, args) for a in args.attacks]
+    rows = []
+    for name in [None, *args.attacks]:
+        rows.append(run(name, args))
+        r = rows[-1]
+        print(f"{r['attack']}: fit {r['fit_s']:.1f}s BA {r['ba']:.3f} ASR {r['asr']:.3f}", file=sys.stderr, flush=True)
     clean_ba = rows[0]["ba"]
-    print(f"\nMNIST-5k, target 0, ResNet-20 width {args.width}, {args.epochs} epochs, default attack settings\n")
+    print(f"\nMNIST-5k, target 0, ResNet-20 width {args.width}, {args.epochs} epochs, attack settings: defaults "
+          f"except {KWARGS}\n")
     print("| attack | rate | poisoned | setup+fit (s) | train (s) | BA | BA - clean | ASR | fit notes |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
