@@ -11,7 +11,8 @@ epochs of SGD (lr 0.05, momentum 0.9, cosine) with the data module's augmentatio
 test accuracy) and ASR (poisoned non-target test images classified as the target) are measured. A
 clean model trained the same way gives the BA reference. The rates are the ones recommended for
 the attack benchmark (clean-label attacks poison the target class only, whose share of the training
-set is about 0.1; NARCISSUS' paper rate of 0.05 % would be 2 images of MNIST-5k). Plain torch loop (no Lightning) to keep it short: about 6 minutes on 2 CPU cores
+set is about 0.1; NARCISSUS' paper rate of 0.05 % would be 2 images of MNIST-5k). Plain torch loop
+(no Lightning) to keep it short: about 6 minutes on 2 idle CPU cores (10 on a loaded machine)
 with the defaults (width 8, 4 epochs: fewer and narrower than the quickstart, which the papers'
 ASR/BA goals assume; treat the numbers as a smoke test of the attacks, not as paper numbers).
 """

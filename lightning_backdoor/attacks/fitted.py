@@ -152,7 +152,7 @@ class FittedAttack(Attack):
 
     def build_surrogate(self, dataset: Dataset, labels: Tensor, num_classes: int,
                         model: Optional[nn.Module] = None) -> nn.Module:
-        """The surrogate for ``fit``: ``model`` if given, else the configured one, trained on the data if it has no weights."""
+        """The surrogate for ``fit``: ``model`` if given, else the configured one (trained on the data without weights)."""
         from ..checkpoints import load_net_weights
         from ..models import create_model
 
@@ -206,9 +206,9 @@ class FittedAttack(Attack):
             target: the target class.
             model: a surrogate that overrides the configured ``surrogate``.
             indices: positions in ``dataset`` poisoned at training time (the data module passes its
-                poisoned index set); ``None``: every target-class sample for clean-label attacks, none
-                for dirty-label ones (their ``poison_train`` then computes the trigger on the fly). Per-sample attacks store
-                these samples' poisoned images.
+                poisoned index set); ``None``: every target-class sample for clean-label attacks,
+                none for dirty-label ones (their ``poison_train`` then computes the trigger on the
+                fly). Per-sample attacks store these samples' poisoned images.
 
         Raises:
             ValueError: the target class has no samples, an index is outside the dataset, or the

@@ -386,6 +386,10 @@ class BackdoorDataModule(LightningDataModule):
         self._check_settings(state)
         if self.attack is not None and "attack_state" in state:
             self.attack.load_state_dict(state["attack_state"])
+            if self._built:  # per-sample evaluation triggers were computed with the state before the restore
+                for ds in (self.val_poisoned, self.test_poisoned):
+                    if isinstance(ds, PoisonedDataset):
+                        ds.refresh()
         trainer = self._trainer_or_none()
         if "rng" in state and trainer is not None and getattr(trainer.state, "fn", None) == "fit":
             restore_rng(state["rng"])  # data order, augmentation and cover noise continue as uninterrupted

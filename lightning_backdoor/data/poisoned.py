@@ -225,6 +225,11 @@ class PoisonedDataset(Dataset):
         if mode == "test" and getattr(attack, "per_sample", False):
             self._cache = self._precompute()
 
+    def refresh(self) -> None:
+        """Recompute the batched per-sample triggers of an evaluation set (after the attack's state changed)."""
+        if self._cache is not None:
+            self._cache = self._precompute()
+
     def _precompute(self, batch_size: int = 256) -> Tensor:
         """Per-sample triggers of the whole evaluation set, computed in batches on the attack's work device.
 

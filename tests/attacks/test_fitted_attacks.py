@@ -337,3 +337,15 @@ def test_surrogate_module_and_weights_are_expressible_in_yaml(tmp_path, monkeypa
     printed = yaml.safe_load(out.getvalue())["data"]["init_args"]["attack"]["init_args"]
     assert printed["surrogate"]["class_path"].endswith("SmallCNN") and printed["surrogate"]["init_args"]["width"] == 4
     assert printed["surrogate_weights"] == "sur.pt" and printed["steps"] == 5
+
+
+def test_restoring_the_state_recomputes_per_sample_evaluation_triggers():
+    dm = small_dm("issba", rate=0.01)
+    dm.setup()
+    other = small_dm("issba", rate=0.01, lr=0.02)  # trains another encoder in its own setup
+    other.setup()
+    assert not torch.equal(other.test_poisoned[0].x, dm.test_poisoned[0].x)
+    other.load_state_dict(dm.state_dict())  # as Lightning does on resume, after setup
+    for j in (0, len(dm.test_poisoned) - 1):
+        assert torch.equal(other.test_poisoned[j].x, dm.test_poisoned[j].x)
+        assert torch.equal(other.val_poisoned[j].x, dm.val_poisoned[j].x)
