@@ -279,7 +279,11 @@ class PoisonedDataset(Dataset):
         return Sample(x, label, poisoned, y, index)
 
     def info(self) -> dict:
-        """What to record with a run: attack, parameters, rate, target, poisoned-set fingerprint."""
+        """What to record with a run: attack, parameters, rate, target, poisoned-set fingerprint.
+
+        Fitted attacks add ``attack_fit``: what their ``fit`` measured (surrogate training accuracy,
+        the surrogate's attack success, ISSBA's bit accuracy).
+        """
         attack_hp = self.attack.hparams() if hasattr(self.attack, "hparams") else {}
         return {
             "attack": getattr(self.attack, "name", type(self.attack).__name__),
@@ -291,6 +295,7 @@ class PoisonedDataset(Dataset):
             "num_train": int(len(self.labels)),
             "poison_fingerprint": self.fingerprint,
             "poison_seed": self.seed,
+            **({"attack_fit": dict(self.attack.fit_info)} if getattr(self.attack, "fit_info", None) else {}),
         }
 
 

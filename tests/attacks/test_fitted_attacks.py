@@ -100,6 +100,7 @@ def test_clean_label_attacks_touch_only_target_class_and_keep_labels(name):
             assert torch.equal(s.x, clean)
     for i in ts.poison_indices[:3].tolist():
         assert ts[i].y == 3 and ts[i].poisoned
+    assert 0 <= dm.backdoor_info()["attack_fit"]["surrogate_train_acc"] <= 1  # recorded with the run
     # the ASR set: non-target test images, triggered, labelled with the target
     s = dm.test_poisoned[0]
     assert s.y == 3 and s.original_y != 3
