@@ -198,7 +198,9 @@ class BackdoorDataModule(LightningDataModule):
             if getattr(self.attack, "requires_fit", False):
                 # once, before any poisoned sample is read; per-sample attacks store these samples' images
                 # (a no-op when the attack's fitted state was restored from a checkpoint)
-                self.attack.fit(train_base, self.target, indices=self.train_set.poison_indices)
+                accepts = "indices" in inspect.signature(self.attack.fit).parameters
+                self.attack.fit(train_base, self.target,
+                                **({"indices": self.train_set.poison_indices} if accepts else {}))
                 self.attack.build(*x0.shape)
         val_base = Subset(train_full, val_idx.tolist())
         self.val_clean = CleanDataset(val_base)
