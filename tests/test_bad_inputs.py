@@ -305,6 +305,27 @@ CASES = [
      "scale must be a \\(low, high\\) pair with 0 < low <= high <= 1"),
     ("physical-ba-no-transforms", lambda t: PhysicalBA(degrees=0, scale=1.0, flip_p=0, brightness=0, contrast=0),
      UserWarning, "every transform is off .* so this is BadNets"),
+    ("attack-clean-label-no-target-samples",
+     lambda t: create_attack("label_consistent", steps=1).fit(TensorDataset(x, torch.tensor([0, 1, 2, 1])), 3),
+     ValueError, "clean-label attack but the dataset has no samples of the target class 3"),
+    ("attack-surrogate-wrong-classes",
+     lambda t: create_attack("tuap", surrogate=create_model("small_cnn", num_classes=2, in_channels=1, width=4)).fit(
+         TensorDataset(x, torch.tensor([0, 1, 2, 3])), 1),
+     ValueError, "surrogate outputs 2 logits but the data has 4 classes"),
+    ("attack-surrogate-wrong-channels",
+     lambda t: create_attack("narcissus", surrogate=create_model("small_cnn", in_channels=3, width=4)).fit(
+         TensorDataset(x, torch.tensor([0, 1, 2, 3])), 1),
+     ValueError, "surrogate takes 3-channel images but the data has 1 channels"),
+    ("attack-eps-not-positive", lambda t: create_attack("label_consistent", eps=0.0), ValueError, "eps must be > 0"),
+    ("attack-step-size-not-positive", lambda t: create_attack("tuap", step_size=-1 / 255), ValueError,
+     "step_size must be > 0"),
+    ("attack-pgd-steps-zero", lambda t: create_attack("label_consistent", steps=0), ValueError, "steps must be >= 1"),
+    ("attack-issba-code-too-long", lambda t: create_attack("issba", code_bits=4, code="10110"), ValueError,
+     "code has 5 bits but the encoder hides code_bits=4"),
+    ("attack-issba-code-bits-beyond-encoder", lambda t: create_attack("issba", code_bits=100), ValueError,
+     "code_bits=100 is longer than the encoder supports"),
+    ("attack-fitted-used-before-fit", lambda t: create_attack("tuap")(x), RuntimeError,
+     "has no perturbation yet: call fit"),
 ]
 
 

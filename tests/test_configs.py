@@ -49,11 +49,29 @@ def write_cifar10(root: Path, per_file: int, seed: int = 0) -> None:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
 
 
+#: poison rates of the configs that do not use the 10% of the dirty-label attacks (clean-label: half the target class)
+PAPER_RATES = {"label_consistent_resnet18": 0.05, "tuap_resnet18": 0.05, "narcissus_resnet18": 0.0005}
+
+_TINY_SURROGATE = ["--data.init_args.attack.init_args.surrogate", "small_cnn",
+                   "--data.init_args.attack.init_args.surrogate_epochs", "1",
+                   "--data.init_args.attack.init_args.surrogate_width", "4"]
+#: the fitted attacks' ``fit`` shrunk to a few steps for the fast_dev_run (the configs' own settings are paper-scale)
+FAST_FIT = {
+    "label_consistent_resnet18": _TINY_SURROGATE + ["--data.init_args.attack.init_args.steps", "2"],
+    "tuap_resnet18": _TINY_SURROGATE + ["--data.init_args.attack.init_args.epochs", "1"],
+    "narcissus_resnet18": _TINY_SURROGATE + ["--data.init_args.attack.init_args.epochs", "1"],
+    "issba_resnet18": ["--data.init_args.attack.init_args.epochs", "1",
+                       "--data.init_args.attack.init_args.hidden", "4",
+                       "--data.init_args.attack.init_args.code_bits", "4"],
+}
+
+
 def test_configs_found():
     assert (CONFIGS / "quickstart.yaml") in ALL_CONFIGS
     assert {p.name for p in CIFAR_CONFIGS} >= {"badnets_resnet18.yaml", "blended_resnet18.yaml", "wanet_resnet18.yaml",
                                                "physical_ba_resnet18.yaml", "batt_resnet18.yaml",
                                                "adaptive_patch_resnet18.yaml", "adaptive_blend_resnet18.yaml"}
+    assert {f"{stem}.yaml" for stem in FAST_FIT} <= {p.name for p in CIFAR_CONFIGS}
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=ids(ALL_CONFIGS))
@@ -78,7 +96,7 @@ def test_cifar_config_contents(path):
     assert data["dataset"] == "cifar10" and data["root"] == "data/cifar10"
     # the attack's paper rate (Attack.default_rate: 10% for most, 0.3% for Adap-Patch/Adap-Blend)
     module_name, cls_name = data["attack"]["class_path"].rsplit(".", 1)
-    expected_rate = getattr(importlib.import_module(module_name), cls_name).default_rate
+    expected_rate = PAPER_RATES.get(path.stem, getattr(importlib.import_module(module_name), cls_name).default_rate)
     assert data["rate"] == expected_rate and data["target"] == 0 and data["batch_size"] == 128
     assert data["num_workers"] == 4
     net = model["net"]["init_args"]
@@ -115,6 +133,7 @@ def test_cifar_config_fast_dev_run(path, tmp_path):
         "--data.init_args.num_workers", "0",
         "--data.init_args.val_size", "8",
         "--data.init_args.defense_size", "8",
+        *FAST_FIT.get(path.stem, []),
     ])
     assert not (tmp_path / "wandb").exists()  # W&B disabled: nothing written, nothing sent
 

@@ -17,6 +17,9 @@ from .base import ATTACKS, Attack, create_attack, list_attacks
 from .batt import BATT
 from .blended import Blended
 from .physical_ba import PhysicalBA
+from .clean_label import TUAP, LabelConsistent, Narcissus
+from .fitted import FittedAttack
+from .issba import ISSBA
 from .wanet import WaNet
 
 __all__ = [
@@ -28,6 +31,11 @@ __all__ = [
     "BadNets",
     "Blended",
     "PhysicalBA",
+    "FittedAttack",
+    "ISSBA",
+    "LabelConsistent",
+    "Narcissus",
+    "TUAP",
     "WaNet",
     "create_attack",
     "functional",

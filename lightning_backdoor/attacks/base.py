@@ -29,8 +29,15 @@ How the data pipeline uses an attack (see ``lightning_backdoor.data.PoisonedData
 - ``default_rate``: the poison rate of the attack's paper setting, used by the benchmark and the
   gallery when no rate is given (the data module's ``rate`` always decides in a run).
 - ``requires_fit``: attacks that need data or a surrogate model before they can trigger
-  (LC, TUAP, NARCISSUS, ISSBA's encoder) implement ``fit(dataset, target, model=None)``; the
-  datamodule calls it once before building poisoned sets.
+  (LC, TUAP, NARCISSUS, ISSBA's encoder) implement ``fit(dataset, target, model=None, indices=None)``;
+  the datamodule calls it once in ``setup``, after choosing the poisoned index set and before any
+  poisoned sample is read, passing those ``indices`` (positions in the training set it is given).
+  See :mod:`lightning_backdoor.attacks.fitted` for the surrogate models and the stored state.
+- ``per_sample``: the trigger depends on the sample (LC's PGD images, ISSBA's encoder output).
+  The training-time poisoned image of a sample is ``poison_train(x, index)`` — stored per
+  dataset index by ``fit`` (``uint8`` buffers) — and poisoned evaluation sets apply ``forward``
+  to whole batches at once instead of one image at a time. ``poison_train`` defaults to
+  ``forward(x)`` for every other attack; for a ``per_sample`` attack it replaces ``train_trigger``.
 - Attacks whose trigger generator trains jointly with the classifier (IAD) or that edit a trained
   model's weights (SRA) are other kinds of component with seams of their own; this interface is
   for triggers applied to data.
@@ -92,6 +99,7 @@ class Attack(nn.Module):
     cover_ratio: float = 0.0
     sample_seeded: bool = False
     default_rate: float = 0.1
+    per_sample: bool = False
     #: Buffers registered as ``None`` and materialised on first use / ``build``. A fresh instance
     #: adopts them from a ``state_dict`` that holds them, so checkpoints restore the exact trigger.
     _lazy_buffers: Tuple[str, ...] = ()
@@ -169,9 +177,21 @@ class Attack(nn.Module):
         """Materialise shape-dependent trigger state now (and validate it against the image shape)."""
         return self
 
-    def fit(self, dataset: Any, target: int, model: nn.Module | None = None) -> "Attack":
-        """Prepare the trigger from data (clean-label/optimised attacks). Default: nothing to do."""
+    def fit(self, dataset: Any, target: int, model: nn.Module | None = None, *, indices: Any = None) -> "Attack":
+        """Prepare the trigger from data (clean-label/optimised attacks). Default: nothing to do.
+
+        ``indices``: the positions of ``dataset`` that will be poisoned at training time (per-sample
+        attacks store those samples' poisoned images). Implementations are idempotent: a fitted
+        attack (also one restored from a checkpoint) returns at once for the same indices.
+        """
         return self
+
+    def poison_train(self, x: Tensor, index: int) -> Tensor:
+        """The training-time poisoned version of sample ``index`` (its position in the fitted dataset).
+
+        Default: ``forward(x)``; per-sample attacks return the image ``fit`` stored for ``index``.
+        """
+        return self(x)
 
     def hparams(self) -> Dict[str, Any]:
         """Attack parameters to record with a run (JSON-serialisable)."""

@@ -188,8 +188,6 @@ class BackdoorDataModule(LightningDataModule):
         x0 = train_full[0][0]
         if self.attack is not None:
             self.attack.build(*x0.shape)
-            if getattr(self.attack, "requires_fit", False):
-                self.attack.fit(train_base, self.target)
         aug = self._augmentation(tuple(x0.shape[-2:])) if self.augment else None
 
         if self.attack is None:
@@ -197,6 +195,13 @@ class BackdoorDataModule(LightningDataModule):
         else:
             self.train_set = PoisonedDataset(train_base, self.attack, self.target, self.num_classes,
                                              self.rate, self.seed, "train", aug, labels=train_labels)
+            if getattr(self.attack, "requires_fit", False):
+                # once, before any poisoned sample is read; per-sample attacks store these samples' images
+                # (a no-op when the attack's fitted state was restored from a checkpoint)
+                accepts = "indices" in inspect.signature(self.attack.fit).parameters
+                self.attack.fit(train_base, self.target,
+                                **({"indices": self.train_set.poison_indices} if accepts else {}))
+                self.attack.build(*x0.shape)
         val_base = Subset(train_full, val_idx.tolist())
         self.val_clean = CleanDataset(val_base)
         self.test_clean = CleanDataset(test)
@@ -383,6 +388,10 @@ class BackdoorDataModule(LightningDataModule):
         self._check_settings(state)
         if self.attack is not None and "attack_state" in state:
             self.attack.load_state_dict(state["attack_state"])
+            if self._built:  # per-sample evaluation triggers were computed with the state before the restore
+                for ds in (self.val_poisoned, self.test_poisoned):
+                    if isinstance(ds, PoisonedDataset):
+                        ds.refresh()
         trainer = self._trainer_or_none()
         if "rng" in state and trainer is not None and getattr(trainer.state, "fn", None) == "fit":
             restore_rng(state["rng"])  # data order, augmentation and cover noise continue as uninterrupted

@@ -230,12 +230,33 @@ class PoisonedDataset(Dataset):
         self._train_time = mode == "train" and hasattr(attack, "train_trigger")
         self._clean_hook = mode == "train" and bool(getattr(attack, "transforms_clean_images", False))
         self._seeded = bool(getattr(attack, "sample_seeded", False))
+        self._cache: Tensor | None = None
+        if mode == "test" and getattr(attack, "per_sample", False):
+            self._cache = self._precompute()
 
     def _sample_generator(self, index: int) -> torch.Generator | None:
         """Per-sample CPU generator seeded from ``(seed, index)`` for ``sample_seeded`` attacks, else None (global RNG)."""
         if not self._seeded:
             return None
         return torch.Generator().manual_seed((self.seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1))
+
+    def refresh(self) -> None:
+        """Recompute the batched per-sample triggers of an evaluation set (after the attack's state changed)."""
+        if self._cache is not None:
+            self._cache = self._precompute()
+
+    def _precompute(self, batch_size: int = 256) -> Tensor:
+        """Per-sample triggers of the whole evaluation set, computed in batches on the attack's work device.
+
+        Stored as ``uint8`` (like the training-time poisoned images), in memory only.
+        """
+        device = self.attack._work_device() if hasattr(self.attack, "_work_device") else torch.device("cpu")
+        out = []
+        for start in range(0, len(self.indices), batch_size):
+            part = self.indices[start:start + batch_size].tolist()
+            xb = torch.stack([self.dataset[i][0] for i in part]).to(device)
+            out.append((self.attack(xb).clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+        return torch.cat(out)
 
     def _select_cover(self, cover_ratio: float) -> Tensor:
         if cover_ratio <= 0:
@@ -259,7 +280,11 @@ class PoisonedDataset(Dataset):
         x, y = self.dataset[index][:2]
         y = int(y)
         poisoned = bool(self._poison_mask[index])
-        if poisoned:
+        if poisoned and self._cache is not None:
+            x = self._cache[i].to(x.dtype) / 255.0
+        elif poisoned and self.mode == "train" and getattr(self.attack, "per_sample", False):
+            x = self.attack.poison_train(x, index)  # per-sample attacks: the image stored by fit
+        elif poisoned:
             x = self.attack.train_trigger(x, self._sample_generator(index)) if self._train_time else self.attack(x)
         elif self._cover_mask[index]:
             x = self.attack.cover(x.unsqueeze(0), generator=self._sample_generator(index))[0]
@@ -271,7 +296,11 @@ class PoisonedDataset(Dataset):
         return Sample(x, label, poisoned, y, index)
 
     def info(self) -> dict:
-        """What to record with a run: attack, parameters, rate, target, poisoned-set fingerprint."""
+        """What to record with a run: attack, parameters, rate, target, poisoned-set fingerprint.
+
+        Fitted attacks add ``attack_fit``: what their ``fit`` measured (surrogate training accuracy,
+        the surrogate's attack success, ISSBA's bit accuracy).
+        """
         attack_hp = self.attack.hparams() if hasattr(self.attack, "hparams") else {}
         return {
             "attack": getattr(self.attack, "name", type(self.attack).__name__),
@@ -283,6 +312,7 @@ class PoisonedDataset(Dataset):
             "num_train": int(len(self.labels)),
             "poison_fingerprint": self.fingerprint,
             "poison_seed": self.seed,
+            **({"attack_fit": dict(self.attack.fit_info)} if getattr(self.attack, "fit_info", None) else {}),
         }
 
 
