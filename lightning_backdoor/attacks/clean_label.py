@@ -197,9 +197,9 @@ class _UniversalPerturbation(FittedAttack):
     def apply_trigger(self, x: Tensor) -> Tensor:
         return self._add(x, self.test_multiplier)
 
-    def train_trigger(self, x: Tensor) -> Tensor:
+    def apply_train_trigger(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """Training-time trigger ``clip(x + δ)`` (no test-time amplification)."""
-        return self._add(check_images(x, "x", allow_single=True), 1.0)
+        return self._add(x, 1.0)
 
     def _images(self, labels: Tensor, target: int) -> Tensor:
         raise NotImplementedError

@@ -272,11 +272,7 @@ class FittedAttack(Attack):
             pos = int(torch.searchsorted(self.sample_index, torch.tensor(int(index))))
             if pos < len(self.sample_index) and int(self.sample_index[pos]) == int(index):
                 return self.sample_images[pos].to(device=x.device, dtype=x.dtype) / 255.0
-        return self.train_trigger(x)
-
-    def train_trigger(self, x: Tensor) -> Tensor:
-        """Training-time trigger of an image that has no stored poisoned version (default: the test-time one)."""
-        return self(x)
+        return self.train_trigger(x)  # no stored image: the training-time trigger (attacks/base.py)
 
     def _surrogate_hparam(self) -> Any:
         s = self.surrogate
