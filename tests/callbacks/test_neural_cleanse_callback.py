@@ -106,6 +106,24 @@ def test_every_n_epochs_at_validation(tiny_net):
     assert "val/neural_cleanse/anomaly_index" in trainer.callback_metrics
 
 
+def test_progress_bar_counts_the_optimisation_steps(tiny_net, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    cb = NeuralCleanseCallback(_nc(), when="test", images=False)
+    _trainer([cb], enable_progress_bar=True).test(BackdoorClassifier(tiny_net), _dm(), verbose=False)
+    ours = [b for b in bars if "reverse-engineering" in (b.desc or "")]
+    assert len(ours) == 1 and ours[0].total == 8
+    assert ours[0].n == int(cb.cleanse.steps_run.max()) and ours[0].n > 0
+
+
 def test_no_clean_data_warns_and_skips(tiny_net):
     dm = BackdoorDataModule("mnist5k", attack=BadNets(), target=0, val_size=50, defense_size=0, test_size=200,
                             eval_batch_size=100)

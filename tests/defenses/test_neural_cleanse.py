@@ -16,7 +16,6 @@ from lightning_backdoor.defenses.functional import (
     MAD_CONSTANT,
     anomaly_index,
     flagged_labels,
-    mask_overlap,
     reverse_engineer,
     stamp,
 )
