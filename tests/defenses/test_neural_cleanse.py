@@ -310,3 +310,21 @@ def test_unlearning_fine_tune_removes_the_backdoor_of_a_trained_model():
         opt.step()
     assert asr(net) < 0.1
     assert float((net(xt).argmax(1) == yt).float().mean()) > 0.95
+
+
+def test_defense_finetune_data_module_trains_on_the_clean_share_only():
+    from lightning_backdoor import BackdoorDataModule
+    from lightning_backdoor.attacks import BadNets
+    from lightning_backdoor.data import DefenseFinetuneDataModule
+
+    kw = dict(attack=BadNets(), target=0, rate=0.1, seed=0, val_size=50, defense_size=40, test_size=100)
+    dm, ref = DefenseFinetuneDataModule("mnist5k", **kw), BackdoorDataModule("mnist5k", **kw)
+    dm.setup()
+    ref.setup()
+    train = dm.train_dataloader().dataset
+    assert len(train) == 40 and torch.equal(train.indices, dm.defense_set.indices)
+    items = [train[i] for i in range(len(train))]
+    assert not any(s.poisoned for s in items) and all(s.y == s.original_y for s in items)
+    assert sorted(set(s.y for s in items)) == list(range(10))  # stratified: every class
+    # evaluation is the attack run's: the same poisoned test images
+    assert torch.equal(dm.test_poisoned[3].x, ref.test_poisoned[3].x) and len(dm.test_poisoned) == len(ref.test_poisoned)
