@@ -263,7 +263,7 @@ class NeuralCleanse(ModelDefense):
         find_layer(model, layer)
         x, y = collect_benign(clean, device=device, max_samples=self.max_samples, seed=self.seed)
         x = x.to(dtype=model_dtype(model))
-        xt, yt = self._triggered(x, y)
+        xt, yt = self.stamp_suspects(x, y)
         act_c = layer_activations(model, x, layer, use_input=use_input)
         act_t = layer_activations(model, xt, layer, use_input=use_input)
         order = rank_neurons(act_c, act_t)
@@ -298,7 +298,7 @@ class NeuralCleanse(ModelDefense):
             pruned = min(pruned + per_step, n)
         return work, history
 
-    def _triggered(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    def stamp_suspects(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
         """Clean images stamped with each suspect label's trigger (images of that label left out), and the labels."""
         xs, ts = [], []
         for t in self.suspect_labels():

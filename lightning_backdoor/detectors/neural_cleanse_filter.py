@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import model_device, model_dtype
-from ..validation import check_optional_real, check_probability, warn_ignored
+from ..validation import check_bool, check_optional_real, check_probability, warn_ignored
 from .base import DETECTORS, Detector, collect_benign, threshold_at_fpr
 
 
@@ -25,8 +25,8 @@ class NeuralCleanseFilter(Detector):
     """Neural Cleanse input filter (white-box, data-limited; docs/neural_cleanse.md).
 
     ``fit(model, benign)`` runs :class:`~lightning_backdoor.defenses.NeuralCleanse` on the benign
-    data (unless ``cleanse`` is already fitted), takes the triggers of the flagged labels (the label
-    with the smallest mask when none is flagged), and ranks the neurons of ``layer`` (default: the
+    data (with ``refit=False``, a ``cleanse`` that is already fitted is reused), takes the triggers
+    of the flagged labels (the label with the smallest mask when none is flagged), and ranks the neurons of ``layer`` (default: the
     features entering the last ``nn.Linear``) by how much more those triggers excite them than
     clean images do. The score of an input is the mean activation of the top ``top_fraction`` of
     neurons (at least one); the threshold flags at most ``target_fpr`` of the benign fit images.
@@ -38,6 +38,8 @@ class NeuralCleanseFilter(Detector):
         top_fraction: share of the layer's neurons used (paper: the top 1%).
         threshold: decision threshold, or None to set it from ``target_fpr`` in ``fit``.
         target_fpr: benign false-positive rate when the threshold is set in ``fit`` (paper: 5%).
+        refit: re-run Neural Cleanse at every ``fit`` (the detection callback refits detectors at each
+            run, on the model as it is then); ``False`` reuses a fitted ``cleanse``.
 
     Example:
         >>> from lightning_backdoor.defenses import NeuralCleanse
@@ -59,6 +61,7 @@ class NeuralCleanseFilter(Detector):
         top_fraction: float = 0.01,
         threshold: Optional[float] = None,
         target_fpr: float = 0.05,
+        refit: bool = True,
     ) -> None:
         from ..defenses.neural_cleanse import NeuralCleanse
 
@@ -69,6 +72,7 @@ class NeuralCleanseFilter(Detector):
         if layer is not None and not isinstance(layer, str):
             raise TypeError(f"layer must be a submodule name (str) or None, got {layer!r}")
         self.cleanse = cleanse
+        self.refit = check_bool(refit, "refit")
         self.layer = layer
         self.top_fraction = check_probability(top_fraction, "top_fraction", low_open=True)
         self.target_fpr = check_probability(target_fpr, "target_fpr", high_open=True)
@@ -94,12 +98,12 @@ class NeuralCleanseFilter(Detector):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         layer, use_input = self._resolve_layer(model)  # a wrong layer name fails before the optimisation
-        if not self.cleanse.fitted:
+        if self.refit or not self.cleanse.fitted:
             self.cleanse.fit(model, benign)
         x, y = collect_benign(benign, device=model_device(model), max_samples=self.cleanse.max_samples,
                               seed=self.cleanse.seed)
         x = x.to(dtype=model_dtype(model))
-        xt, _ = self.cleanse._triggered(x, y)
+        xt, _ = self.cleanse.stamp_suspects(x, y)
         act_c = layer_activations(model, x, layer, use_input=use_input)
         act_t = layer_activations(model, xt, layer, use_input=use_input)
         k = max(1, int(math.ceil(self.top_fraction * act_c.shape[1])))
@@ -125,7 +129,7 @@ class NeuralCleanseFilter(Detector):
 
     def hparams(self) -> Dict[str, Any]:
         return {"cleanse": self.cleanse.hparams(), "layer": self.layer, "top_fraction": self.top_fraction,
-                "threshold": self._threshold_arg, "target_fpr": self.target_fpr}
+                "threshold": self._threshold_arg, "target_fpr": self.target_fpr, "refit": self.refit}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"fitted": self.fitted, "threshold": self.threshold, "neurons": self.neurons,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..validation import check_probability, check_seed
+from ..validation import check_bool, check_probability, check_seed
 from .base import LOSSES, LossTerm
 
 
@@ -44,6 +44,7 @@ class NeuralCleanseUnlearning(LossTerm):
             (default: one with its defaults).
         stamp_rate: share of each batch stamped with the reversed trigger, in ``(0, 1)``.
         seed: seeds the choice of stamped images.
+        refit: reverse-engineer in ``fit`` even when ``cleanse`` is already fitted (``False``: reuse it).
 
     Example:
         >>> from lightning_backdoor.defenses import NeuralCleanse
@@ -58,7 +59,7 @@ class NeuralCleanseUnlearning(LossTerm):
     name = "neural_cleanse_unlearning"
     requires_fit = True
 
-    def __init__(self, cleanse: Any = None, stamp_rate: float = 0.2, seed: int = 0) -> None:
+    def __init__(self, cleanse: Any = None, stamp_rate: float = 0.2, seed: int = 0, refit: bool = True) -> None:
         super().__init__()
         from ..defenses.neural_cleanse import NeuralCleanse
 
@@ -69,6 +70,7 @@ class NeuralCleanseUnlearning(LossTerm):
         self.cleanse = cleanse
         self.stamp_rate = check_probability(stamp_rate, "stamp_rate", low_open=True, high_open=True)
         self.seed = check_seed(seed)
+        self.refit = check_bool(refit, "refit")
         self.main_weight = 1.0 - self.stamp_rate
         self.generator = torch.Generator().manual_seed(self.seed)
         self.masks: Optional[Tensor] = None
@@ -77,8 +79,8 @@ class NeuralCleanseUnlearning(LossTerm):
         self.fitted = False
 
     def fit(self, model: nn.Module, benign: Any) -> "NeuralCleanseUnlearning":
-        """Reverse-engineer the triggers on ``benign`` (unless ``cleanse`` is already fitted) and keep the suspects'."""
-        if not self.cleanse.fitted:
+        """Reverse-engineer the triggers on ``benign`` (``refit=False``: reuse a fitted ``cleanse``), keep the suspects'."""
+        if self.refit or not self.cleanse.fitted:
             self.cleanse.fit(model, benign)
         suspects = self.cleanse.suspect_labels()
         pairs = [self.cleanse.trigger(t) for t in suspects]
