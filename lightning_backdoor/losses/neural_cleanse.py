@@ -34,8 +34,7 @@ class NeuralCleanseUnlearning(LossTerm):
     flagged; chosen at random per image when there are several) and trained with its **true** label.
     The stamped images go through the model with BatchNorm on its running statistics (eval mode, modes
     restored): a train-mode pass over the few stamped images would normalise them with their own noisy
-    batch statistics and pull the running statistics towards them (a BA loss of 20+ points in the
-    benchmark); dropout is off for them too.
+    batch statistics and pull the running statistics towards them; dropout is off for them too.
     ``main_weight = 1 − p`` scales the ordinary loss, so in expectation the batch is the paper's mix
     of 80% clean and 20% stamped images.
 
