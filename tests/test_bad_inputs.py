@@ -31,6 +31,8 @@ from lightning_backdoor.batch import parse_batch
 from lightning_backdoor.cli import main
 from lightning_backdoor.certified import certify, feasible_set
 from lightning_backdoor.sanitizers import Slab, Sphere, create_sanitizer, extract_features
+from lightning_backdoor.defenses import NeuralCleanse
+from lightning_backdoor.detectors import NeuralCleanseFilter
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -326,6 +328,24 @@ CASES = [
      "code_bits=100 is longer than the encoder supports"),
     ("attack-fitted-used-before-fit", lambda t: create_attack("tuap")(x), RuntimeError,
      "has no perturbation yet: call fit"),
+    ("neural-cleanse-one-class-model", lambda t: NeuralCleanse(steps=2).fit(one_class_net(), nc_data()), ValueError,
+     "returns 1 output"),
+    ("neural-cleanse-asr-threshold-out-of-range", lambda t: NeuralCleanse(asr_threshold=1.5), ValueError,
+     "asr_threshold must be in \\(0, 1\\]"),
+    ("neural-cleanse-asr-threshold-zero", lambda t: NeuralCleanse(asr_threshold=0.0), ValueError,
+     "asr_threshold must be in \\(0, 1\\]"),
+    ("neural-cleanse-negative-lambda", lambda t: NeuralCleanse(init_cost=-0.001), ValueError,
+     "init_cost \\(the L1 weight lambda\\) must be > 0"),
+    ("neural-cleanse-prune-unknown-layer", lambda t: nc_prune_unknown_layer(), ValueError,
+     "layer='layer9' is not a submodule of the model; known layers: conv1"),
+    ("neural-cleanse-filter-unknown-layer", lambda t: NeuralCleanseFilter(layer="penultimate").fit(net(), nc_data()),
+     ValueError, "layer='penultimate' is not a submodule"),
+    ("neural-cleanse-no-clean-data", lambda t: NeuralCleanse().fit(net(), None), ValueError,
+     "needs clean labelled images .* got clean=None"),
+    ("neural-cleanse-empty-clean-loader", lambda t: nc_empty_loader(), ValueError,
+     "needs clean labelled images .* empty dataset"),
+    ("neural-cleanse-prune-before-fit", lambda t: NeuralCleanse().prune(net(), nc_data()), RuntimeError,
+     "must be fitted before pruning"),
 ]
 
 
@@ -367,6 +387,24 @@ def metrics_on_all_target_labels():
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[cb],
                         enable_model_summary=False)
     trainer.test(BackdoorClassifier(net()), dataloaders=loader)
+
+
+def nc_data():
+    return torch.rand(8, 1, 28, 28), torch.arange(8) % 4
+
+
+def one_class_net():
+    torch.manual_seed(0)
+    return TinyResNet(num_classes=1)
+
+
+def nc_prune_unknown_layer():
+    nc = NeuralCleanse(steps=2, batch_size=4).fit(net(), nc_data())
+    nc.prune(net(), nc_data(), layer="layer9")
+
+
+def nc_empty_loader():
+    NeuralCleanse(steps=2).fit(net(), DataLoader(TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0).long())))
 
 
 def doc_row_ids():

@@ -1,6 +1,7 @@
-"""Lightning callbacks: backdoor detection and BA/ASR for any LightningModule."""
+"""Lightning callbacks: backdoor detection, Neural Cleanse and BA/ASR for any LightningModule."""
 
 from .backdoor_metrics import BackdoorMetrics
 from .detection import DetectionCallback
+from .neural_cleanse import NeuralCleanseCallback
 
-__all__ = ["BackdoorMetrics", "DetectionCallback"]
+__all__ = ["BackdoorMetrics", "DetectionCallback", "NeuralCleanseCallback"]

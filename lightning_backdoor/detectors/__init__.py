@@ -14,8 +14,9 @@ from .scale_up import ScaleUp
 from .shrink_pad import ShrinkPad
 from .strip import Strip
 from .teco import TeCo
+from .neural_cleanse_filter import NeuralCleanseFilter  # last: it imports lightning_backdoor.defenses
 
 __all__ = [
-    "BaDExpert", "DETECTORS", "DeepSweep", "Detector", "Frequency", "IBDPSC", "ScaleUp", "ShrinkPad", "Strip", "TeCo",
+    "BaDExpert", "DETECTORS", "DeepSweep", "Detector", "Frequency", "IBDPSC", "NeuralCleanseFilter", "ScaleUp", "ShrinkPad", "Strip", "TeCo",
     "collect_benign", "create_detector", "functional", "iter_benign", "list_detectors", "threshold_at_fpr",
 ]

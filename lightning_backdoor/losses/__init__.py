@@ -7,5 +7,6 @@
 from .base import LOSSES, LossTerm, create_loss, list_losses
 from .ibd_psc import IBDPSCAdaptiveLoss
 from .scale_up import ScaleUpAdaptiveLoss
+from .neural_cleanse import NeuralCleanseUnlearning
 
-__all__ = ["LOSSES", "LossTerm", "create_loss", "list_losses", "IBDPSCAdaptiveLoss", "ScaleUpAdaptiveLoss"]
+__all__ = ["LOSSES", "LossTerm", "create_loss", "list_losses", "IBDPSCAdaptiveLoss", "NeuralCleanseUnlearning", "ScaleUpAdaptiveLoss"]

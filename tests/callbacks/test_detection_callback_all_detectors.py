@@ -9,9 +9,11 @@ import torch
 from lightning_backdoor import BackdoorClassifier, BackdoorDataModule
 from lightning_backdoor.attacks import BadNets
 from lightning_backdoor.callbacks import DetectionCallback
+from lightning_backdoor.defenses import NeuralCleanse
 from lightning_backdoor.detectors import (
     IBDPSC,
     BaDExpert,
+    NeuralCleanseFilter,
     DeepSweep,
     Frequency,
     ScaleUp,
@@ -35,7 +37,8 @@ def _one_thread():
 def cheap_detectors():
     return [ScaleUp(mode="data_limited"), IBDPSC(k=1), Strip(n=4),
             TeCo(corruptions=("gaussian_noise", "contrast", "pixelate"), severities=(1, 3)), ShrinkPad(n=3),
-            DeepSweep(n_affine=1), Frequency(epochs=1), BaDExpert(expert_epochs=1, aux_epochs=1)]
+            DeepSweep(n_affine=1), Frequency(epochs=1), BaDExpert(expert_epochs=1, aux_epochs=1),
+            NeuralCleanseFilter(NeuralCleanse(steps=5, batch_size=4, max_samples=30))]
 
 
 def test_all_detectors_in_one_pass(tiny_net):
@@ -66,5 +69,5 @@ def test_all_detectors_in_one_pass(tiny_net):
     x = torch.rand(3, 1, 28, 28)
     for a, b in zip(dets, fresh.detectors):
         assert b.fitted == a.fitted and b.threshold == a.threshold, a.name
-        if a.name in ("frequency", "badexpert", "scale_up", "strip"):
+        if a.name in ("frequency", "badexpert", "scale_up", "strip", "neural_cleanse_filter"):
             assert torch.equal(a.score(tiny_net, x), b.score(tiny_net, x)), a.name

@@ -6,7 +6,7 @@ from lightning_backdoor.losses import LOSSES, IBDPSCAdaptiveLoss, LossTerm, Scal
 
 
 def test_registry_lists_and_builds_every_term():
-    assert list_losses() == ["ibd_psc_adaptive", "scale_up_adaptive"]
+    assert list_losses() == ["ibd_psc_adaptive", "neural_cleanse_unlearning", "scale_up_adaptive"]
     assert list_losses("scale*") == ["scale_up_adaptive"]
     assert isinstance(create_loss("scale_up_adaptive", weight=0.5), ScaleUpAdaptiveLoss)
     assert isinstance(create_loss("ibd_psc_adaptive", k=2), IBDPSCAdaptiveLoss)
