@@ -10,12 +10,23 @@ The formulas live in :mod:`lightning_backdoor.attacks.functional` (pure torch).
 from . import functional
 from .badnets import BadNets
 from .base import ATTACKS, Attack, create_attack, list_attacks
+from .batch_base import (BATCH_ATTACKS, AttackOptimizer, BatchAttack, PoisonedBatch, create_batch_attack,
+                         list_batch_attacks)
+from .iad import IAD, IADGenerator
 from .blended import Blended
 from .wanet import WaNet
 
 __all__ = [
     "ATTACKS",
     "Attack",
+    "AttackOptimizer",
+    "BATCH_ATTACKS",
+    "BatchAttack",
+    "IAD",
+    "IADGenerator",
+    "PoisonedBatch",
+    "create_batch_attack",
+    "list_batch_attacks",
     "BadNets",
     "Blended",
     "WaNet",
