@@ -13,6 +13,9 @@ from .base import ATTACKS, Attack, create_attack, list_attacks
 from .batch_base import (BATCH_ATTACKS, AttackOptimizer, BatchAttack, PoisonedBatch, create_batch_attack,
                          list_batch_attacks)
 from .iad import IAD, IADGenerator
+from .model_edit import (MODEL_EDIT_ATTACKS, ModelEditAttack, create_model_edit_attack, evaluate_ba_asr,
+                         list_model_edit_attacks)
+from .sra import SRA
 from .blended import Blended
 from .wanet import WaNet
 
@@ -23,6 +26,12 @@ __all__ = [
     "BATCH_ATTACKS",
     "BatchAttack",
     "IAD",
+    "MODEL_EDIT_ATTACKS",
+    "ModelEditAttack",
+    "SRA",
+    "create_model_edit_attack",
+    "evaluate_ba_asr",
+    "list_model_edit_attacks",
     "IADGenerator",
     "PoisonedBatch",
     "create_batch_attack",

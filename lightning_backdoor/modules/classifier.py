@@ -158,7 +158,7 @@ class BackdoorClassifier(LightningModule):
         return out
 
     def _check_first_batch(self, x: Tensor, stage: str) -> None:
-        check_images(x, f"the first {stage} batch", allow_single=False)
+        check_images(x.detach(), f"the first {stage} batch", allow_single=False)
         dtype = model_dtype(self.net)
         if x.dtype != dtype:
             raise TypeError(
@@ -381,9 +381,6 @@ class BackdoorClassifier(LightningModule):
             raise ValueError(f"batch attack {self.batch_attack.name!r}: poison_batch must return x and y shaped like "
                              f"the batch ({tuple(x.shape)}, {tuple(y.shape)}), got "
                              f"{tuple(getattr(pb.x, 'shape', ()))}, {tuple(getattr(pb.y, 'shape', ()))}")
-        if "train_poisoned" not in self._checked_stages:
-            check_images(pb.x.detach(), f"the poisoned training batch of {self.batch_attack.name!r}", allow_single=False)
-            self._checked_stages.add("train_poisoned")
         logits = self._logits(pb.x, "train")
         loss_bd = F.cross_entropy(logits, pb.y)
         main_weight = 1.0
