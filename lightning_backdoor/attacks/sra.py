@@ -108,9 +108,9 @@ class SRA(ModelEditAttack):
         self,
         trigger: Optional[Attack] = None,
         width: int = 1,
-        steps: int = 300,
-        batch_size: int = 128,
-        lr: float = 0.01,
+        steps: int = 200,
+        batch_size: int = 64,
+        lr: float = 0.05,
         activation: float = 20.0,
         logit_weight: float = 3.0,
         max_samples: Optional[int] = 2000,
@@ -169,11 +169,14 @@ class SRA(ModelEditAttack):
         subnet, first = narrow_subnet(model, self.width)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            for m in subnet.modules():  # fresh, seeded weights for the narrow layers
+            for name, m in subnet.named_modules():  # fresh, seeded weights for the narrow layers
                 if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.constant_(m.bias, 0.1)  # start with live ReLUs: a 1-channel path dies easily
                 elif isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, 0.0, 0.5)
+                    nn.init.constant_(m.weight, 1.0 / m.in_features) if name == "fc" else nn.init.eye_(m.weight)
             losses = self._train_subnet(subnet, x, trigger)
         edited = self.copy(model)
         self._write(edited, subnet, first, target)

@@ -1,0 +1,159 @@
+"""SRA (model-edit seam): untouched weights stay equal, clean predictions stay close, the subnet fires on the
+trigger, bad input is refused; the ``lightning-backdoor sra`` CLI writes a checkpoint ``test`` and the data
+module load."""
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_backdoor.attacks import SRA, BadNets, create_model_edit_attack, evaluate_ba_asr, list_model_edit_attacks
+from lightning_backdoor.attacks.sra import sliced_layers
+from lightning_backdoor.models import create_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small VGG-BN trained for a few seconds on 12x12 MNIST digits (a seeded random subset), and held-out digits."""
+    from lightning_backdoor.data import load_mnist5k
+    from lightning_backdoor.utils import random_subset
+
+    x, y = load_mnist5k()
+    x = torch.nn.functional.interpolate(x.float() / 255, size=(12, 12), mode="area").clamp(0, 1)
+    idx = random_subset(len(x), 1400, seed=0)
+    x, y = x[idx], y[idx]
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1000], perm[1000:]
+    torch.manual_seed(0)
+    net = create_model("vgg11_bn", num_classes=10, in_channels=1, width_div=4)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    net.train()
+    for _ in range(120):
+        b = tr[torch.randint(0, len(tr), (64,), generator=g)]
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[b]), y[b]).backward()
+        opt.step()
+    net.eval()
+    return net, x[tr], x[te], y[te]
+
+
+def test_registered():
+    assert "sra" in list_model_edit_attacks()
+    assert isinstance(create_model_edit_attack("sra", width=1), SRA)
+
+
+def test_untouched_weights_equal_clean_predictions_close_and_the_trigger_fires(trained):
+    net, x_attacker, x_test, y_test = trained
+    trigger = BadNets(patch_size=3).build(1, 12, 12)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    sra = SRA(trigger, width=1, steps=80, batch_size=64, seed=0)
+    bd = sra.edit(net, x_attacker, target=0)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the input model is not changed
+    after = bd.state_dict()
+    k = 1
+    first = sra.report["first_conv"]
+    for name, m in sliced_layers(net):
+        w0, w1 = before[f"{name}.weight"], after[f"{name}.weight"]
+        if isinstance(m, nn.BatchNorm2d):
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                assert torch.equal(before[f"{name}.{attr}"][k:], after[f"{name}.{attr}"][k:]), (name, attr)
+        elif name == "fc":
+            assert torch.equal(w0[:, k:], w1[:, k:]) and torch.equal(before["fc.bias"], after["fc.bias"])
+            assert torch.equal(w1[1:, :k], torch.zeros_like(w1[1:, :k])) and bool((w1[0, :k] != 0).all())
+        elif name == first:
+            assert torch.equal(w0[k:], w1[k:])
+        else:
+            assert torch.equal(w0[k:, k:], w1[k:, k:]), name  # the rest of the layer is untouched
+            assert float(w1[:k, k:].abs().sum()) == 0 and float(w1[k:, :k].abs().sum()) == 0  # the slice is cut out
+    others = [k for k in before if not any(k.startswith(n + ".") for n, _ in sliced_layers(net))]
+    assert others and all(torch.equal(before[k], after[k]) for k in others)  # normalize buffers etc.
+    with torch.no_grad():
+        agree = float((net(x_test).argmax(1) == bd(x_test).argmax(1)).float().mean())
+    ref = evaluate_ba_asr(net, x_test, y_test, trigger, 0)
+    res = evaluate_ba_asr(bd, x_test, y_test, trigger, 0)
+    assert agree >= 0.85, (agree, ref, res)  # 1 of 16..128 channels per layer taken by the slice
+    assert res["ba"] >= ref["ba"] - 0.05 and ref["ba"] > 0.5
+    assert res["asr"] >= 0.9 and ref["asr"] < 0.5
+    assert sra.report["subnet_trigger_mean"] > 10 * max(sra.report["subnet_clean_mean"], 0.1)
+
+
+def test_resnet_is_supported():
+    net = create_model("resnet20", num_classes=10, in_channels=1, width=4).eval()
+    bd = SRA(BadNets(patch_size=3), steps=2, batch_size=8).edit(net, torch.rand(16, 1, 10, 10), target=3)
+    assert float(bd.fc.weight[3, 0]) != 0 and float(bd.layer1[0].conv1.weight[1:, :1].abs().sum()) == 0
+    assert bd(torch.rand(2, 1, 10, 10)).shape == (2, 10)
+
+
+def test_unsupported_architecture_is_refused_with_the_supported_list():
+    with pytest.raises(ValueError, match=r"does not support the architecture SmallCNN; supported: CifarResNet"):
+        SRA(BadNets(), steps=1).edit(create_model("small_cnn", num_classes=10, in_channels=1), torch.rand(4, 1, 8, 8), 0)
+
+
+def test_slice_wider_than_a_layer_is_refused():
+    net = create_model("resnet20", num_classes=10, in_channels=1, width=4)
+    with pytest.raises(ValueError, match=r"width=4 is too wide for layer 'bn1' with 4 channels|width=4 is too wide"):
+        SRA(BadNets(), width=4, steps=1).edit(net, torch.rand(4, 1, 8, 8), 0)
+
+
+def test_target_outside_the_classes_is_refused():
+    net = create_model("vgg11_bn", num_classes=10, in_channels=1, width_div=16)
+    with pytest.raises(ValueError, match=r"target must be"):
+        SRA(BadNets(), steps=1).edit(net, torch.rand(4, 1, 8, 8), 10)
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+@pytest.fixture
+def cli_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(sys, "argv", ["lightning-backdoor"])
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+SMALL = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
+         "--trainer.logger", "false", "--trainer.callbacks", "[]",
+         "--model.init_args.net.init_args.width_div", "16", "--data.init_args.val_size", "50",
+         "--data.init_args.defense_size", "50", "--data.init_args.test_size", "100", "--data.init_args.batch_size", "64"]
+
+
+def test_sra_cli_writes_a_checkpoint_that_test_and_from_checkpoint_load(cli_env):
+    from pathlib import Path
+
+    from lightning_backdoor.checkpoints import safe_load
+    from lightning_backdoor.cli import main
+    from lightning_backdoor.data import BackdoorDataModule
+    from lightning_backdoor.sra_cli import sra_main
+
+    cfg = str(Path(__file__).resolve().parents[2] / "configs" / "sra_mnist5k.yaml")
+    main(["fit", "--config", cfg, *SMALL, "--data.init_args.attack", "null", "--trainer.max_steps", "3",
+          "--trainer.limit_val_batches", "1", "--test_after_fit", "false", "--trainer.enable_checkpointing", "true",
+          "--trainer.default_root_dir", "run"])
+    clean = next(Path("run").rglob("*.ckpt"))
+    report = sra_main(["--config", cfg, *SMALL, "--ckpt_path", str(clean), "--out", "sra.ckpt", "--sra.steps", "3",
+                       "--sra.max_samples", "64"])
+    assert set(report) >= {"ba_before", "ba_after", "asr", "asr_before", "width", "slice"}
+    ck = safe_load("sra.ckpt")
+    assert ck["sra"]["asr"] == report["asr"] and "BackdoorDataModule" in ck
+    dm = BackdoorDataModule.from_checkpoint("sra.ckpt")
+    assert dm.attack.name == "badnets" and dm.test_poisoned is not None
+    main(["test", "--config", cfg, *SMALL, "--ckpt_path", "sra.ckpt"])
+
+
+def test_sra_cli_refuses_a_missing_checkpoint(cli_env):
+    from pathlib import Path
+
+    from lightning_backdoor.sra_cli import sra_main
+
+    cfg = str(Path(__file__).resolve().parents[2] / "configs" / "sra_mnist5k.yaml")
+    with pytest.raises(SystemExit, match="--ckpt_path must name a trained clean checkpoint"):
+        sra_main(["--config", cfg, "--ckpt_path", "nope.ckpt", "--out", "x.ckpt"])
