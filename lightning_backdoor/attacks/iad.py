@@ -13,7 +13,7 @@ from ..validation import check_non_negative_float, check_positive_float, check_p
 from .batch_base import BATCH_ATTACKS, AttackOptimizer, BatchAttack, PoisonedBatch, split_counts
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 # -- functional core (torch only) ----------------------------------------------------------------

@@ -2,6 +2,7 @@
 trigger, bad input is refused; the ``lightning-backdoor sra`` CLI writes a checkpoint ``test`` and the data
 module load."""
 
+import copy
 import sys
 
 import pytest
@@ -81,10 +82,27 @@ def test_untouched_weights_equal_clean_predictions_close_and_the_trigger_fires(t
         agree = float((net(x_test).argmax(1) == bd(x_test).argmax(1)).float().mean())
     ref = evaluate_ba_asr(net, x_test, y_test, trigger, 0)
     res = evaluate_ba_asr(bd, x_test, y_test, trigger, 0)
-    assert agree >= 0.85, (agree, ref, res)  # 1 of 16..128 channels per layer taken by the slice
+    assert agree >= 0.8, (agree, ref, res)  # 1 of 16..128 channels per layer taken by the slice
     assert res["ba"] >= ref["ba"] - 0.05 and ref["ba"] > 0.5
     assert res["asr"] >= 0.9 and ref["asr"] < 0.5
     assert sra.report["subnet_trigger_mean"] > 10 * max(sra.report["subnet_clean_mean"], 0.1)
+    # independent re-computation: the edited model = the victim with the slice cut out (its rows and columns zeroed)
+    # plus logit_weight * subnet output on the target logit only
+    cut = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, m in sliced_layers(cut):
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight[:k] = 0
+                m.bias[:k] = 0
+            elif name == "fc":
+                m.weight[:, :k] = 0
+            elif name != first:
+                m.weight[:k] = 0
+                m.weight[:, :k] = 0
+        expected = cut(x_test)
+        got = bd(x_test)
+    assert torch.allclose(got[:, 1:], expected[:, 1:], atol=1e-4)  # the non-target logits: the cut model's
+    assert bool((got[:, 0] >= expected[:, 0] - 1e-4).all())  # the target logit: plus the (ReLU >= 0) subnet output
 
 
 def test_resnet_is_supported():
@@ -101,12 +119,12 @@ def test_unsupported_architecture_is_refused_with_the_supported_list():
 
 def test_slice_wider_than_a_layer_is_refused():
     net = create_model("resnet20", num_classes=10, in_channels=1, width=4)
-    with pytest.raises(ValueError, match=r"width=4 is too wide for layer 'bn1' with 4 channels|width=4 is too wide"):
+    with pytest.raises(ValueError, match=r"width=4 is too wide for layer 'conv1' with 4 channels"):
         SRA(BadNets(), width=4, steps=1).edit(net, torch.rand(4, 1, 8, 8), 0)
 
 
 def test_target_outside_the_classes_is_refused():
-    net = create_model("vgg11_bn", num_classes=10, in_channels=1, width_div=16)
+    net = create_model("vgg11_bn", num_classes=10, in_channels=1, width_div=4)
     with pytest.raises(ValueError, match=r"target must be"):
         SRA(BadNets(), steps=1).edit(net, torch.rand(4, 1, 8, 8), 10)
 
