@@ -33,7 +33,7 @@ def diversity_loss(x1: Tensor, x2: Tensor, out1: Tensor, out2: Tensor, eps: floa
 
     Example:
         >>> a, b = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
-        >>> float(diversity_loss(a, b, a, b * 0.5))
+        >>> round(float(diversity_loss(a, b, a, b * 0.5)), 4)
         2.0
     """
     dx = (x1 - x2).flatten(1).norm(dim=1)
