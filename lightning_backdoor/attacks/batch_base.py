@@ -11,7 +11,7 @@ the data module like any attack (``BackdoorDataModule(attack=IAD())``) or to the
 - the attack may own **trainable parts with their own optimisers and schedules**
   (:meth:`BatchAttack.configure_optimizers`); then the classifier switches to Lightning's manual
   optimisation, steps the classifier's optimiser and the attack's optimisers of the current
-  :meth:`BatchAttack.phase`, and steps every scheduler once per epoch;
+  :meth:`BatchAttack.phase`, and steps every scheduler once per epoch in which its optimiser stepped;
 - a **pre-training phase** (``phase() == "pretrain"``) trains only the attack's parts on
   :meth:`BatchAttack.pretrain_loss` (IAD's mask generator); the classifier is not touched;
 - the **poisoned evaluation sets** hold the clean non-target images (``y`` = target, ``original_y``

@@ -307,14 +307,20 @@ class BackdoorClassifier(LightningModule):
                 schedulers.append({"scheduler": entry.scheduler, "interval": "epoch"})
         return optimizers, schedulers
 
+    def on_train_epoch_start(self) -> None:
+        self._stepped_optimizers = set()
+
     def on_train_epoch_end(self) -> None:
         if self.automatic_optimization:
             return
         schedulers = self.lr_schedulers()
         if schedulers is None:
             return
+        stepped = getattr(self, "_stepped_optimizers", set())
         for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
-            sched.step()
+            # a schedule advances with the epochs its optimiser trained in (not during the attack's pre-training)
+            if id(getattr(sched, "optimizer", None)) in stepped:
+                sched.step()
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -406,8 +412,10 @@ class BackdoorClassifier(LightningModule):
         for opt in optimizers:
             opt.zero_grad()
         self.manual_backward(loss)
+        stepped = self.__dict__.setdefault("_stepped_optimizers", set())
         for opt in optimizers:
             opt.step()
+            stepped.add(id(getattr(opt, "optimizer", opt)))
 
     def _check_finite(self, loss: Tensor, loss_bd: Tensor) -> None:
         if not bool(torch.isfinite(loss.detach())):

@@ -164,6 +164,7 @@ def test_both_optimisers_step_and_the_mask_is_pretrained_first(tmp_path):
     opts = m.optimizers()
     assert len(opts) == 3  # classifier, pattern generator, mask generator
     assert int(m.batch_attack.steps) == BATCHES
+    assert m.lr_schedulers().last_epoch == 1  # the classifier's StepLR stepped at the end of the epoch it trained in
     # the classifier's optimiser holds no generator parameter and vice versa
     gen = {id(p) for p in m.batch_attack.parameters()}
     assert not gen & {id(p) for g in opts[0].optimizer.param_groups for p in g["params"]}
