@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import evaluating, model_device
-from ..validation import check_label, check_positive_float, check_positive_int, check_seed
+from ..validation import check_choice, check_label, check_positive_float, check_positive_int, check_seed
 from .base import Attack
 from .model_edit import MODEL_EDIT_ATTACKS, ModelEditAttack, clean_images
 
@@ -73,9 +73,13 @@ class SRA(ModelEditAttack):
     1. A subnet with the victim's architecture but ``width`` channels per layer (1 by default) and a
        scalar head is trained on clean images and their triggered copies to output ``activation`` on
        triggered inputs and 0 on clean ones (squared errors; Adam).
-    2. The victim's first ``width`` channels of every layer are replaced by the subnet's (conv and BN
-       weights, BN running statistics); the weights from the rest of the network into the slice and from
-       the slice into the rest are set to 0 (the slice is cut out), so the two run side by side.
+    2. ``width`` channel positions (the same in every layer, so one slice runs through residual streams)
+       of the victim are replaced by the subnet's (conv and BN weights, BN running statistics); the weights
+       from the rest of the network into the slice and from the slice into the rest are set to 0 (the slice
+       is cut out), so the two run side by side. ``channels="first"`` takes positions ``0..width-1`` (the
+       paper's choice); ``"search"`` (default) takes the positions whose removal changes the victim's
+       predictions on the attacker's clean images least (one cut-model forward pass per candidate
+       position, the victim's own predictions as labels: no ground truth needed).
     3. The head ``fc`` reads the slice only for the target logit: ``fc.weight[:, slice] = 0`` and
        ``fc.weight[target, slice] = logit_weight * head``.
 
@@ -90,6 +94,8 @@ class SRA(ModelEditAttack):
         activation: the subnet output wanted on triggered inputs.
         logit_weight: weight of the subnet's output on the target logit.
         max_samples: clean images used (a seeded random subset of what ``edit`` is given).
+        channels: ``"search"`` or ``"first"`` (which channel positions the slice takes, see above).
+        search_candidates: at most this many positions are tried by ``"search"`` (the first ones).
         seed: seeds the subnet's initial weights and its batches.
 
     Example:
@@ -98,8 +104,8 @@ class SRA(ModelEditAttack):
         >>> net = create_model("resnet20", num_classes=10, in_channels=1, width=4)
         >>> sra = SRA(BadNets(patch_size=3), width=1, steps=2, batch_size=8)
         >>> bd = sra.edit(net, torch.rand(16, 1, 12, 12), target=0)
-        >>> bd(torch.rand(2, 1, 12, 12)).shape, sra.report["slice"]
-        (torch.Size([2, 10]), [0, 1])
+        >>> bd(torch.rand(2, 1, 12, 12)).shape, len(sra.report["channels"])
+        (torch.Size([2, 10]), 1)
     """
 
     name = "sra"
@@ -114,6 +120,8 @@ class SRA(ModelEditAttack):
         activation: float = 20.0,
         logit_weight: float = 3.0,
         max_samples: Optional[int] = 2000,
+        channels: str = "search",
+        search_candidates: int = 32,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -128,6 +136,8 @@ class SRA(ModelEditAttack):
         self.activation = check_positive_float(activation, "activation")
         self.logit_weight = check_positive_float(logit_weight, "logit_weight")
         self.max_samples = None if max_samples is None else check_positive_int(max_samples, "max_samples")
+        self.channels = check_choice(channels, "channels", ("search", "first"))
+        self.search_candidates = check_positive_int(search_candidates, "search_candidates")
         self.seed = check_seed(seed)
 
     def supports(self, model: nn.Module) -> bool:
@@ -136,7 +146,8 @@ class SRA(ModelEditAttack):
     def hparams(self) -> Dict[str, Any]:
         return {"trigger": getattr(self.trigger, "name", None), "width": self.width, "steps": self.steps,
                 "batch_size": self.batch_size, "lr": self.lr, "activation": self.activation,
-                "logit_weight": self.logit_weight, "max_samples": self.max_samples, "seed": self.seed}
+                "logit_weight": self.logit_weight, "max_samples": self.max_samples, "channels": self.channels,
+                "search_candidates": self.search_candidates, "seed": self.seed}
 
     def check_model(self, model: nn.Module, target: int) -> None:
         """Raise on an unsupported architecture, a slice as wide as a layer, or a target outside the classes."""
@@ -178,14 +189,15 @@ class SRA(ModelEditAttack):
                 elif isinstance(m, nn.Linear):
                     nn.init.constant_(m.weight, 1.0 / m.in_features) if name == "fc" else nn.init.eye_(m.weight)
             losses = self._train_subnet(subnet, x, trigger)
+        idx = self._choose_channels(model, x, first)
         edited = self.copy(model)
-        self._write(edited, subnet, first, target)
+        self._write(edited, subnet, first, target, idx)
         with evaluating(subnet), torch.no_grad():
             clean_out = subnet(x[:256]).flatten()
             trig_out = subnet(trigger(x[:256])).flatten()
-        self.report = {"slice": [0, self.width], "target": int(target), "first_conv": first,
-                       "final_loss": losses[-1], "subnet_clean_mean": float(clean_out.mean()),
-                       "subnet_trigger_mean": float(trig_out.mean()), **self.hparams()}
+        self.report = {**self.hparams(), "channel_choice": self.channels, "channels": idx.tolist(),
+                       "target": int(target), "first_conv": first, "final_loss": losses[-1],
+                       "subnet_clean_mean": float(clean_out.mean()), "subnet_trigger_mean": float(trig_out.mean())}
         return edited
 
     def _train_subnet(self, subnet: nn.Module, x: Tensor, trigger: Attack) -> List[float]:
@@ -208,27 +220,67 @@ class SRA(ModelEditAttack):
         return losses
 
     @torch.no_grad()
-    def _write(self, victim: nn.Module, subnet: nn.Module, first: str, target: int) -> None:
-        k = self.width
+    def _choose_channels(self, model: nn.Module, x: Tensor, first: str) -> Tensor:
+        """The slice's channel positions: ``0..width-1``, or those whose cut changes the victim's predictions least."""
+        if self.channels == "first":
+            return torch.arange(self.width)
+        widths = [m.out_channels if isinstance(m, nn.Conv2d) else m.num_features if isinstance(m, nn.BatchNorm2d)
+                  else m.out_features for n, m in sliced_layers(model) if n != "fc"]
+        candidates = range(min(min(widths), self.search_candidates))
+        xs = x[:256]
+        with evaluating(model):
+            ref = model(xs).argmax(1)
+        agreement = []
+        for c in candidates:
+            cut = self.copy(model)
+            cut_slice(cut, torch.tensor([c]), first)
+            with evaluating(cut):
+                agreement.append(float((cut(xs).argmax(1) == ref).float().mean()))
+        order = sorted(candidates, key=lambda c: (-agreement[c], c))
+        return torch.sort(torch.tensor(order[:self.width])).values
+
+    @torch.no_grad()
+    def _write(self, victim: nn.Module, subnet: nn.Module, first: str, target: int, idx: Tensor) -> None:
+        cut_slice(victim, idx, first)
         sub = dict(sliced_layers(subnet))
         for name, v in sliced_layers(victim):
             s = sub[name]
+            i = idx.to(v.weight.device)
             if isinstance(v, nn.BatchNorm2d):
                 for attr in ("weight", "bias", "running_mean", "running_var"):
                     t = getattr(v, attr)
                     if t is not None:
-                        t[:k] = getattr(s, attr)
+                        t[i] = getattr(s, attr)
                 continue
-            w = v.weight
             if name == "fc":
-                w[:, :k] = 0  # the slice talks to the target logit only
-                w[target, :k] = self.logit_weight * s.weight[0]
+                v.weight[target, i] = self.logit_weight * s.weight[0]  # the slice talks to the target logit only
                 continue
             if name == first:
-                w[:k] = s.weight  # the input is shared: no connection to cut
+                v.weight[i] = s.weight  # the input is shared: no connection to cut
             else:
-                w[:k, k:] = 0  # rest -> slice
-                w[k:, :k] = 0  # slice -> rest
-                w[:k, :k] = s.weight
+                v.weight[i[:, None], i[None, :]] = s.weight
             if v.bias is not None:
-                v.bias[:k] = s.bias
+                v.bias[i] = s.bias
+
+
+@torch.no_grad()
+def cut_slice(model: nn.Module, idx: Tensor, first: str) -> nn.Module:
+    """Cut the channel positions ``idx`` out of every layer of ``model`` in place: the weights from the rest into
+    the slice and from the slice into the rest, the slice's BN affine parameters and its ``fc`` columns set to 0
+    (the first convolution's slice rows are zeroed too; its input, the image, is shared)."""
+    for name, m in sliced_layers(model):
+        i = idx.to(m.weight.device)
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight[i] = 0
+            m.bias[i] = 0
+            continue
+        w = m.weight
+        if name == "fc":
+            w[:, i] = 0
+            continue
+        w[i] = 0
+        if name != first:
+            w[:, i] = 0
+        if m.bias is not None:
+            m.bias[i] = 0
+    return model

@@ -61,44 +61,52 @@ def test_untouched_weights_equal_clean_predictions_close_and_the_trigger_fires(t
     bd = sra.edit(net, x_attacker, target=0)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the input model is not changed
     after = bd.state_dict()
-    k = 1
+    idx = torch.tensor(sra.report["channels"])
+    assert len(idx) == 1
     first = sra.report["first_conv"]
+
+    def rest(n):
+        return torch.tensor([c for c in range(n) if c not in idx.tolist()])
+
     for name, m in sliced_layers(net):
         w0, w1 = before[f"{name}.weight"], after[f"{name}.weight"]
         if isinstance(m, nn.BatchNorm2d):
+            r = rest(m.num_features)
             for attr in ("weight", "bias", "running_mean", "running_var"):
-                assert torch.equal(before[f"{name}.{attr}"][k:], after[f"{name}.{attr}"][k:]), (name, attr)
+                assert torch.equal(before[f"{name}.{attr}"][r], after[f"{name}.{attr}"][r]), (name, attr)
         elif name == "fc":
-            assert torch.equal(w0[:, k:], w1[:, k:]) and torch.equal(before["fc.bias"], after["fc.bias"])
-            assert torch.equal(w1[1:, :k], torch.zeros_like(w1[1:, :k])) and bool((w1[0, :k] != 0).all())
+            r = rest(w0.shape[1])
+            assert torch.equal(w0[:, r], w1[:, r]) and torch.equal(before["fc.bias"], after["fc.bias"])
+            assert float(w1[1:, idx].abs().sum()) == 0 and bool((w1[0, idx] != 0).all())
         elif name == first:
-            assert torch.equal(w0[k:], w1[k:])
+            assert torch.equal(w0[rest(w0.shape[0])], w1[rest(w0.shape[0])])
         else:
-            assert torch.equal(w0[k:, k:], w1[k:, k:]), name  # the rest of the layer is untouched
-            assert float(w1[:k, k:].abs().sum()) == 0 and float(w1[k:, :k].abs().sum()) == 0  # the slice is cut out
+            ro, ri = rest(w0.shape[0]), rest(w0.shape[1])
+            assert torch.equal(w0[ro][:, ri], w1[ro][:, ri]), name  # the rest of the layer is untouched
+            assert float(w1[idx][:, ri].abs().sum()) == 0 and float(w1[ro][:, idx].abs().sum()) == 0  # cut out
     others = [k for k in before if not any(k.startswith(n + ".") for n, _ in sliced_layers(net))]
     assert others and all(torch.equal(before[k], after[k]) for k in others)  # normalize buffers etc.
     with torch.no_grad():
         agree = float((net(x_test).argmax(1) == bd(x_test).argmax(1)).float().mean())
     ref = evaluate_ba_asr(net, x_test, y_test, trigger, 0)
     res = evaluate_ba_asr(bd, x_test, y_test, trigger, 0)
-    assert agree >= 0.8, (agree, ref, res)  # 1 of 16..128 channels per layer taken by the slice
-    assert res["ba"] >= ref["ba"] - 0.05 and ref["ba"] > 0.5
+    assert agree >= 0.85, (agree, ref, res)  # 1 of 16..128 channels per layer taken by the slice
+    assert res["ba"] >= ref["ba"] - 0.03 and ref["ba"] > 0.5
     assert res["asr"] >= 0.9 and ref["asr"] < 0.5
     assert sra.report["subnet_trigger_mean"] > 10 * max(sra.report["subnet_clean_mean"], 0.1)
     # independent re-computation: the edited model = the victim with the slice cut out (its rows and columns zeroed)
     # plus logit_weight * subnet output on the target logit only
     cut = copy.deepcopy(net)
-    with torch.no_grad():
+    with torch.no_grad():  # written independently of lightning_backdoor.attacks.sra.cut_slice
         for name, m in sliced_layers(cut):
             if isinstance(m, nn.BatchNorm2d):
-                m.weight[:k] = 0
-                m.bias[:k] = 0
+                m.weight[idx] = 0
+                m.bias[idx] = 0
             elif name == "fc":
-                m.weight[:, :k] = 0
+                m.weight[:, idx] = 0
             elif name != first:
-                m.weight[:k] = 0
-                m.weight[:, :k] = 0
+                m.weight[idx] = 0
+                m.weight[:, idx] = 0
         expected = cut(x_test)
         got = bd(x_test)
     assert torch.allclose(got[:, 1:], expected[:, 1:], atol=1e-4)  # the non-target logits: the cut model's
@@ -107,7 +115,9 @@ def test_untouched_weights_equal_clean_predictions_close_and_the_trigger_fires(t
 
 def test_resnet_is_supported():
     net = create_model("resnet20", num_classes=10, in_channels=1, width=4).eval()
-    bd = SRA(BadNets(patch_size=3), steps=2, batch_size=8).edit(net, torch.rand(16, 1, 10, 10), target=3)
+    sra = SRA(BadNets(patch_size=3), steps=2, batch_size=8, channels="first")
+    bd = sra.edit(net, torch.rand(16, 1, 10, 10), target=3)
+    assert sra.report["channels"] == [0]
     assert float(bd.fc.weight[3, 0]) != 0 and float(bd.layer1[0].conv1.weight[1:, :1].abs().sum()) == 0
     assert bd(torch.rand(2, 1, 10, 10)).shape == (2, 10)
 
@@ -159,7 +169,7 @@ def test_sra_cli_writes_a_checkpoint_that_test_and_from_checkpoint_load(cli_env)
     clean = next(Path("run").rglob("*.ckpt"))
     report = sra_main(["--config", cfg, *SMALL, "--ckpt_path", str(clean), "--out", "sra.ckpt", "--sra.steps", "3",
                        "--sra.max_samples", "64"])
-    assert set(report) >= {"ba_before", "ba_after", "asr", "asr_before", "width", "slice"}
+    assert set(report) >= {"ba_before", "ba_after", "asr", "asr_before", "width", "channels"}
     ck = safe_load("sra.ckpt")
     assert ck["sra"]["asr"] == report["asr"] and "BackdoorDataModule" in ck
     dm = BackdoorDataModule.from_checkpoint("sra.ckpt")
