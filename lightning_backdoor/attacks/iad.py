@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils import evaluating
-from ..validation import check_non_negative_float, check_positive_float, check_positive_int, check_probability, check_seed
+from ..validation import check_non_negative_float, check_positive_int, check_probability, check_seed
 from .batch_base import BATCH_ATTACKS, AttackOptimizer, BatchAttack, PoisonedBatch, split_counts
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
