@@ -135,3 +135,23 @@ def test_paper_scale_and_adaptive_configs_follow_the_papers_protocol(path):
         for args in dets:
             assert args.get("fit_samples") is None or args["fit_samples"] >= 1000
         assert data.get("defense_size", 0) >= 1000  # stratified: >= 100 per class of CIFAR-10
+
+
+def test_iad_mnist5k_config_fast_dev_run():
+    """The IAD config on the embedded digits: batch attack, two optimisers, generators, one step each of fit/val."""
+    main([
+        "fit", "--config", str(CONFIGS / "iad_mnist5k.yaml"),
+        "--trainer.fast_dev_run", "true",
+        "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+        "--test_after_fit", "false",
+        "--model.init_args.net.init_args.width", "4",
+        "--data.init_args.attack.init_args.hidden", "4",
+        "--data.init_args.attack.init_args.mask_pretrain_steps", "0",
+        "--data.init_args.val_size", "50",
+        "--data.init_args.test_size", "50",
+        "--data.init_args.defense_size", "50",
+        "--data.init_args.batch_size", "32",
+        "--data.init_args.eval_batch_size", "50",
+    ])
+    assert not (Path.cwd() / "wandb").exists()

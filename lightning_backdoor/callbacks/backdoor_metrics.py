@@ -37,6 +37,9 @@ class BackdoorMetrics(EvaluationEndHooks, Callback):
     over the inputs whose true label is not the target. A set left empty (an empty loader, or a
     poisoned set whose every true label is the target) gives a warning and no value, never NaN.
 
+    A batch-level attack's poisoned set (:class:`~lightning_backdoor.data.DeviceTriggerSet`) gets the module's
+    current trigger applied on the device (``pl_module.batch_attack``, else the data module's attack).
+
     Logged keys: ``{prefix}/ba`` and ``{prefix}/asr`` with ``prefix`` the template below.
 
     Args:

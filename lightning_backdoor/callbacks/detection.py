@@ -75,6 +75,10 @@ class DetectionCallback(EvaluationEndHooks, Callback):
     once — after the last batch of the last evaluation dataloader, so the values appear once in the
     test table and in what ``trainer.test`` returns (in the poisoned loader's results).
 
+    Batch-level attacks (IAD): their poisoned sets hold clean images (:class:`~lightning_backdoor.data.DeviceTriggerSet`)
+    and the module's *current* trigger (``pl_module.batch_attack.trigger``) is applied to each batch on the
+    device before scoring, so the detectors see the generator of the epoch they run in.
+
     Samples: capped sets (``max_samples``, ``fit_samples``) are seeded random samples of the sets
     (``seed``; the same on every rank), never their first samples.
 

@@ -486,6 +486,9 @@ class BackdoorDataModule(LightningDataModule):
         data settings come from the checkpoint's ``datamodule_hyper_parameters``, the attack from
         the recorded attack name, arguments and buffers; the returned module is set up and its
         poisoned sets verified against the recorded indices and fingerprint.
+        A batch-level attack (IAD) is rebuilt with its trained generators from the recorded state; its
+        ``test_poisoned`` is then a :class:`~lightning_backdoor.data.DeviceTriggerSet` of clean images to
+        pass through ``dm.attack.trigger(x)`` (on any device).
         A sanitised run's training set is rebuilt with the recorded removals (its sanitiser, which may
         need a feature model, is not rebuilt; pass ``sanitizer=...`` to recompute and verify them).
 

@@ -305,3 +305,25 @@ def test_dataset_attack_and_batch_attack_together_are_refused(tmp_path):
     dm, m = small_dm(BadNets()), module(batch_attack=iad())
     with pytest.raises(ValueError, match="use one of them"):
         trainer(tmp_path).fit(m, dm)
+
+
+# -- contract over the registry ------------------------------------------------------------------
+@pytest.mark.parametrize("name", list_batch_attacks())
+def test_batch_attack_contract(name):
+    """Every registered batch attack: shapes, pixel space, labels, masks, device, and its state restores the trigger."""
+    attack = create_batch_attack(name, seed=0).build(1, 12, 12)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 12, 12, generator=g), torch.randint(1, 10, (16,), generator=g)
+    x0 = x.clone()
+    out = attack.poison_batch(x, y, 0)
+    assert torch.equal(x, x0)  # the batch is not modified in place
+    assert out.x.shape == x.shape and out.y.shape == y.shape and out.x.device == x.device
+    assert float(out.x.min()) >= 0 and float(out.x.max()) <= 1
+    assert bool((out.y[out.poisoned] == 0).all()) and torch.equal(out.y[~out.poisoned], y[~out.poisoned])
+    assert not bool((out.poisoned & out.cross).any()) and 0 < int(out.poisoned.sum()) < len(x)
+    xt = attack.trigger(x)
+    assert xt.shape == x.shape and not xt.requires_grad
+    fresh = create_batch_attack(name, seed=1)
+    fresh.load_state_dict(attack.state_dict())
+    assert torch.equal(fresh.trigger(x), xt)
+    assert all(o.phase in ("train", "pretrain") for o in attack.configure_optimizers())

@@ -185,3 +185,15 @@ def test_sra_cli_refuses_a_missing_checkpoint(cli_env):
     cfg = str(Path(__file__).resolve().parents[2] / "configs" / "sra_mnist5k.yaml")
     with pytest.raises(SystemExit, match="--ckpt_path must name a trained clean checkpoint"):
         sra_main(["--config", cfg, "--ckpt_path", "nope.ckpt", "--out", "x.ckpt"])
+
+
+@pytest.mark.parametrize("name", list_model_edit_attacks())
+def test_model_edit_contract(name):
+    """Every registered model-edit attack returns an edited copy (the input model untouched) of the same shape."""
+    net = create_model("resnet20", num_classes=10, in_channels=1, width=4).eval()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    attack = create_model_edit_attack(name, trigger=BadNets(patch_size=2), steps=2, batch_size=4)
+    assert attack.supports(net) and not attack.supports(nn.Linear(2, 2))
+    out = attack.edit(net, torch.rand(8, 1, 8, 8), target=1)
+    assert out is not net and all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+    assert out(torch.rand(2, 1, 8, 8)).shape == (2, 10) and isinstance(attack.report, dict)
