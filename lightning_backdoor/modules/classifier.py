@@ -61,8 +61,8 @@ class BackdoorClassifier(LightningModule):
             module: ``test`` after ``fit`` and modules restored from a checkpoint keep their weights.
         output_key: selects the logits when the net returns a tuple/dict/object.
         batch_attack: a :class:`~lightning_backdoor.attacks.BatchAttack` (IAD) poisoning every training
-            batch on the device (default: the data module's ``attack`` when it is one). With trainable
-            attack parts the module uses manual optimisation: ``optimizer``/``scheduler`` are the
+            batch on the device (default: the data module's ``attack`` when it is one). With a batch
+            attack the module uses manual optimisation (so no ``gradient_clip_val``): ``optimizer``/``scheduler`` are the
             classifier's, the attack brings its own (docs/attacks_training.md); the classifier's
             optimiser sees only ``net`` (and loss-term) parameters. Extra logged keys:
             ``train/loss/attack`` and ``train/loss/pretrain`` (the attack's pre-training phase). The
