@@ -2,5 +2,6 @@
 
 from .backdoor_metrics import BackdoorMetrics
 from .detection import DetectionCallback
+from .model_edit import ModelEditCallback
 
-__all__ = ["BackdoorMetrics", "DetectionCallback"]
+__all__ = ["BackdoorMetrics", "DetectionCallback", "ModelEditCallback"]

@@ -247,6 +247,25 @@ class BackdoorDataModule(LightningDataModule):
             attack.build(*self._image_shape)
             self._device_trigger_sets()
 
+    def set_eval_attack(self, attack: Attack) -> None:
+        """Evaluate with ``attack`` without poisoning the training set (the trigger of a model-edit attack, SRA).
+
+        Builds the poisoned validation/test sets with ``attack`` (the data must be set up); the training set
+        stays as it is (clean). Recorded in ``state_dict`` like a training attack, without poisoned training
+        indices, so ``from_checkpoint`` rebuilds the poisoned test set.
+        """
+        if not isinstance(attack, Attack):
+            raise TypeError(f"attack must be a dataset-level lightning_backdoor.attacks.Attack, got {type(attack).__name__}")
+        if self.attack is not None:
+            raise ValueError(f"this data module already has the attack {getattr(self.attack, 'name', self.attack)!r}")
+        self._ensure()
+        self.attack = attack
+        attack.build(*self._image_shape)
+        self.val_poisoned = (PoisonedDataset(self._val_base, attack, self.target, self.num_classes, 1.0, self.seed,
+                                             "test") if len(self._val_base) else None)
+        self.test_poisoned = PoisonedDataset(self._test_base, attack, self.target, self.num_classes, 1.0, self.seed,
+                                             "test")
+
     def _augmentation(self, size: Tuple[int, int]):
         from torchvision.transforms import v2
 

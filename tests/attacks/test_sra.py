@@ -197,3 +197,37 @@ def test_model_edit_contract(name):
     out = attack.edit(net, torch.rand(8, 1, 8, 8), target=1)
     assert out is not net and all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
     assert out(torch.rand(2, 1, 8, 8)).shape == (2, 10) and isinstance(attack.report, dict)
+
+
+def test_model_edit_callback_backdoors_the_fitted_model_for_the_test_and_the_detectors(tmp_path):
+    """SRA as a step of a fit (the matrix's way): clean fit, edit at fit end, then test sees the backdoored model."""
+    import lightning as L
+
+    from lightning_backdoor import BackdoorClassifier, BackdoorDataModule
+    from lightning_backdoor.callbacks import DetectionCallback, ModelEditCallback
+    from lightning_backdoor.data import PoisonedDataset
+    from lightning_backdoor.detectors import Strip
+    from lightning_backdoor.matrix.config import set_dotted
+
+    L.seed_everything(0)
+    dm = BackdoorDataModule("mnist5k", attack=None, val_size=40, defense_size=40, test_size=60, batch_size=32,
+                            eval_batch_size=60)
+    module = BackdoorClassifier(create_model("vgg11_bn", num_classes=10, in_channels=1, width_div=16))
+    trigger = BadNets(patch_size=3)
+    edit = ModelEditCallback(SRA(trigger=trigger, steps=20, batch_size=32, max_samples=200), target=0)
+    det = DetectionCallback([Strip(n=2, pool_size=16)], stages=("test",), max_samples=20, plots=False, progress=False)
+    t = L.Trainer(max_steps=3, limit_val_batches=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, callbacks=[edit, det],
+                  default_root_dir=str(tmp_path))
+    t.fit(module, dm)
+    assert isinstance(dm.test_poisoned, PoisonedDataset) and dm.test_poisoned.attack is trigger
+    assert len(dm.train_set) and not isinstance(dm.train_set, PoisonedDataset)  # the fit was clean
+    res = t.test(module, dm)
+    xs = torch.stack([dm.test_clean[i][0] for i in range(len(dm.test_clean))])
+    ys = torch.tensor([int(dm.test_clean[i][1]) for i in range(len(dm.test_clean))])
+    ref = evaluate_ba_asr(module.net, xs, ys, trigger, 0)
+    assert res[1]["test/asr"] == pytest.approx(ref["asr"]) and res[0]["test/ba"] == pytest.approx(ref["ba"])
+    assert "test/strip/auroc" in det.last_results and edit.report["channels"]
+    cfg = {"trainer": {"callbacks": [{"class_path": "a"}]}}
+    set_dotted(cfg, "trainer.callbacks.1", {"class_path": "b"})  # a matrix override appends the callback
+    assert [c["class_path"] for c in cfg["trainer"]["callbacks"]] == ["a", "b"]
