@@ -148,7 +148,7 @@ def test_iad_mnist5k_checkpoint_reproduces_its_asr_with_test(tmp_path):
              "--data.init_args.attack.init_args.mask_pretrain_steps", "1", "--data.init_args.val_size", "50",
              "--data.init_args.test_size", "60", "--data.init_args.defense_size", "50",
              "--data.init_args.batch_size", "32", "--data.init_args.eval_batch_size", "60"]
-    fit = run_cli(["fit", *small, "--trainer.max_steps", "5", "--trainer.limit_val_batches", "1",
+    fit = run_cli(["fit", *small, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
                    "--trainer.enable_checkpointing", "true", "--trainer.default_root_dir", str(tmp_path / "run"),
                    "--test_after_fit", "true"])
     asr = float(fit.trainer.callback_metrics["test/asr"])
