@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tiny_net import TinyResNet
 from lightning_backdoor import BackdoorClassifier, BackdoorDataModule
 from lightning_backdoor.attacks import BATT, AdaptiveBlend, AdaptivePatch, BadNets, PhysicalBA, WaNet, create_attack
+from lightning_backdoor.attacks import IAD, SRA, BadNets, WaNet, create_attack
 from lightning_backdoor.callbacks import BackdoorMetrics, DetectionCallback
 from lightning_backdoor.checkpoints import UnsafeCheckpointError, load_net_weights, safe_load
 from lightning_backdoor.data import CheckpointMismatchError, DatasetNotFoundError, PoisonedDataset
@@ -346,6 +347,20 @@ CASES = [
      "needs clean labelled images .* empty dataset"),
     ("neural-cleanse-prune-before-fit", lambda t: NeuralCleanse().prune(net(), nc_data()), RuntimeError,
      "must be fitted before pruning"),
+    ("iad-shares-leave-no-clean-samples", lambda t: IAD(backdoor_share=0.5, cross_share=0.5), ValueError,
+     "backdoor_share \\+ cross_share must be < 1"),
+    ("iad-generator-output-shape", lambda t: IAD(pattern_generator=torch.nn.Conv2d(1, 2, 1), hidden=4).build(
+        1, 28, 28).trigger(x), ValueError, "pattern_generator must return a tensor shaped like its input"),
+    ("classifier-batch-attack-not-a-batch-attack", lambda t: BackdoorClassifier(net(), batch_attack=BadNets()),
+     TypeError, "batch_attack must be a lightning_backdoor.attacks.BatchAttack"),
+    ("sra-unsupported-architecture", lambda t: SRA(BadNets(), steps=1).edit(
+        create_model("small_cnn", num_classes=10, in_channels=1), x, 0), ValueError,
+     "does not support the architecture SmallCNN; supported: CifarResNet"),
+    ("sra-slice-too-wide", lambda t: SRA(BadNets(), width=4, steps=1).edit(
+        create_model("resnet20", num_classes=10, in_channels=1, width=4), x, 0), ValueError,
+     "width=4 is too wide for layer 'conv1' with 4 channels"),
+    ("sra-target-outside-classes", lambda t: SRA(BadNets(), steps=1).edit(
+        create_model("resnet20", num_classes=10, in_channels=1, width=4), x, 10), ValueError, "target must be"),
 ]
 
 

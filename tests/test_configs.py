@@ -161,3 +161,24 @@ def test_paper_scale_and_adaptive_configs_follow_the_papers_protocol(path):
         for args in dets:
             assert args.get("fit_samples") is None or args["fit_samples"] >= 1000
         assert data.get("defense_size", 0) >= 1000  # stratified: >= 100 per class of CIFAR-10
+
+
+def test_iad_mnist5k_checkpoint_reproduces_its_asr_with_test(tmp_path):
+    """The IAD config on the embedded digits (a few steps: mask pre-training, then both optimisers): fit writes the
+    generators into the checkpoint, and `test --ckpt_path` with the same config gets exactly the same BA and ASR."""
+    from lightning_backdoor.cli import run_cli
+
+    small = ["--config", str(CONFIGS / "iad_mnist5k.yaml"), "--trainer.accelerator", "cpu",
+             "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", "[]",
+             "--model.init_args.net.init_args.width", "4", "--data.init_args.attack.init_args.hidden", "4",
+             "--data.init_args.attack.init_args.mask_pretrain_steps", "1", "--data.init_args.val_size", "50",
+             "--data.init_args.test_size", "60", "--data.init_args.defense_size", "50",
+             "--data.init_args.batch_size", "32", "--data.init_args.eval_batch_size", "60"]
+    fit = run_cli(["fit", *small, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
+                   "--trainer.enable_checkpointing", "true", "--trainer.default_root_dir", str(tmp_path / "run"),
+                   "--test_after_fit", "true"])
+    asr = float(fit.trainer.callback_metrics["test/asr"])
+    ckpt = next((tmp_path / "run").rglob("*.ckpt"))
+    test = run_cli(["test", *small, "--ckpt_path", str(ckpt)])
+    assert float(test.trainer.callback_metrics["test/asr"]) == asr
+    assert float(test.trainer.callback_metrics["test/ba"]) == float(fit.trainer.callback_metrics["test/ba"])

@@ -15,6 +15,12 @@ from .adaptive import AdaptiveBlend, AdaptivePatch
 from .badnets import BadNets
 from .base import ATTACKS, Attack, create_attack, list_attacks
 from .batt import BATT
+from .batch_base import (BATCH_ATTACKS, AttackOptimizer, BatchAttack, PoisonedBatch, create_batch_attack,
+                         list_batch_attacks)
+from .iad import IAD, IADGenerator
+from .model_edit import (MODEL_EDIT_ATTACKS, ModelEditAttack, create_model_edit_attack, evaluate_ba_asr,
+                         list_model_edit_attacks)
+from .sra import SRA
 from .blended import Blended
 from .physical_ba import PhysicalBA
 from .clean_label import TUAP, LabelConsistent, Narcissus
@@ -28,6 +34,20 @@ __all__ = [
     "AdaptivePatch",
     "Attack",
     "BATT",
+    "AttackOptimizer",
+    "BATCH_ATTACKS",
+    "BatchAttack",
+    "IAD",
+    "MODEL_EDIT_ATTACKS",
+    "ModelEditAttack",
+    "SRA",
+    "create_model_edit_attack",
+    "evaluate_ba_asr",
+    "list_model_edit_attacks",
+    "IADGenerator",
+    "PoisonedBatch",
+    "create_batch_attack",
+    "list_batch_attacks",
     "BadNets",
     "Blended",
     "PhysicalBA",

@@ -2,6 +2,7 @@
 
 from .backdoor_metrics import BackdoorMetrics
 from .detection import DetectionCallback
+from .model_edit import ModelEditCallback
 from .neural_cleanse import NeuralCleanseCallback
 
-__all__ = ["BackdoorMetrics", "DetectionCallback", "NeuralCleanseCallback"]
+__all__ = ["BackdoorMetrics", "DetectionCallback", "ModelEditCallback", "NeuralCleanseCallback"]

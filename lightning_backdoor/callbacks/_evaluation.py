@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -35,10 +35,31 @@ def shard(loader: DataLoader, rank: int, world_size: int, max_samples: Optional[
     return subset_loader(loader, positions), positions
 
 
-def iter_batches(loader: DataLoader, positions: Tensor, device: torch.device) -> Iterator[Tuple[Tensor, Optional[Tensor], Tensor]]:
+def device_trigger(loader: Any, pl_module: Any, trainer: Any = None) -> Optional[Callable[[Tensor], Tensor]]:
+    """The trigger to apply on the device to ``loader``'s batches, or None for sets poisoned in the data.
+
+    The poisoned sets of a batch-level attack (:class:`~lightning_backdoor.data.DeviceTriggerSet`,
+    ``triggers_on_device``) hold clean images: the *current* trigger of the module's ``batch_attack``
+    (else the data module's attack) is applied to each batch on the device, in eval mode, no gradients.
+    """
+    ds = getattr(loader, "dataset", None)
+    if not getattr(ds, "triggers_on_device", False):
+        return None
+    attack = getattr(pl_module, "batch_attack", None)
+    if attack is None and trainer is not None:
+        attack = getattr(getattr(trainer, "datamodule", None), "attack", None)
+    if attack is None or not callable(getattr(attack, "trigger", None)):
+        raise RuntimeError(f"the poisoned loader's {type(ds).__name__} needs its trigger applied on the device, but "
+                           "neither the LightningModule (batch_attack) nor the data module (attack) holds a batch attack")
+    return attack.trigger
+
+
+def iter_batches(loader: DataLoader, positions: Tensor, device: torch.device,
+                 transform: Optional[Callable[[Tensor], Tensor]] = None) -> Iterator[Tuple[Tensor, Optional[Tensor], Tensor]]:
     """Yield ``(x, original_y, positions)`` on ``device``; ``positions`` index the samples in the full set.
 
     The label is the batch's *true* label (``original_y``, or ``y`` for plain ``(x, y)`` batches).
+    ``transform`` (e.g. :func:`device_trigger`) is applied to ``x`` on the device.
     """
     offset = 0
     for batch in loader:
@@ -46,7 +67,10 @@ def iter_batches(loader: DataLoader, positions: Tensor, device: torch.device) ->
         x, y = b.x, b.original_y
         pos = positions[offset:offset + len(x)]
         offset += len(x)
-        yield x.to(device), (y.to(device) if y is not None else None), pos
+        x = x.to(device)
+        if transform is not None:
+            x = transform(x)
+        yield x, (y.to(device) if y is not None else None), pos
 
 
 def per_sample_noise(x: Tensor, positions: Tensor, magnitude: float, seed: int) -> Tensor:

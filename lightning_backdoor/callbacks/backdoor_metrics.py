@@ -14,7 +14,7 @@ from ..metrics.backdoor import AttackSuccessRate, BenignAccuracy
 from ..models.outputs import check_logits, check_output_key
 from ..utils import evaluating
 from ..validation import check_optional_positive_int, check_positive_int, check_seed
-from ._evaluation import EvaluationEndHooks, log_once, rank_and_world, shard
+from ._evaluation import EvaluationEndHooks, device_trigger, log_once, rank_and_world, shard
 from .detection import resolve_net
 
 _PREFIX = {"validate": "val", "test": "test"}
@@ -36,6 +36,9 @@ class BackdoorMetrics(EvaluationEndHooks, Callback):
     loader the *true* label counts (``original_y``, or ``y`` of an ``(x, y)`` batch): ASR is measured
     over the inputs whose true label is not the target. A set left empty (an empty loader, or a
     poisoned set whose every true label is the target) gives a warning and no value, never NaN.
+
+    A batch-level attack's poisoned set (:class:`~lightning_backdoor.data.DeviceTriggerSet`) gets the module's
+    current trigger applied on the device (``pl_module.batch_attack``, else the data module's attack).
 
     Logged keys: ``{prefix}/ba`` and ``{prefix}/asr`` with ``prefix`` the template below.
 
@@ -109,7 +112,8 @@ class BackdoorMetrics(EvaluationEndHooks, Callback):
             else:
                 asr = AttackSuccessRate(target).to(device)
                 self._accumulate(net, poisoned, rank, world, device,
-                                 lambda logits, b: asr.update(logits, b.original_y.to(device)))
+                                 lambda logits, b: asr.update(logits, b.original_y.to(device)),
+                                 transform=device_trigger(poisoned, pl_module, trainer))
                 if self._global_count(asr.total) == 0:
                     rank_zero_warn(
                         f"BackdoorMetrics: no sample of the poisoned loader of stage {stage!r} has a true label other "
@@ -129,14 +133,16 @@ class BackdoorMetrics(EvaluationEndHooks, Callback):
             torch.distributed.all_reduce(t)
         return int(t)
 
-    def _accumulate(self, net, loader, rank, world, device, update) -> None:
+    def _accumulate(self, net, loader, rank, world, device, update, transform=None) -> None:
         if not hasattr(loader, "dataset") or not hasattr(loader.dataset, "__len__") or len(loader.dataset) == 0:
             return
         sub, _ = shard(loader, rank, world, self.max_samples, seed=self.seed)
         with evaluating(net), torch.no_grad():
             for batch in sub:
                 b = parse_batch(batch, require_labels=True)
-                update(check_logits(net(b.x.to(device)), "the model (BackdoorMetrics)"), b)
+                x = b.x.to(device)
+                x = transform(x) if transform is not None else x  # a batch attack's trigger, on the device
+                update(check_logits(net(x), "the model (BackdoorMetrics)"), b)
 
     def state_dict(self) -> Dict[str, Any]:
         return {}

@@ -17,7 +17,7 @@ from ..metrics.detection import DetectionMetrics
 from ..models.outputs import LogitsOf, check_logits, check_output_key
 from ..utils import evaluating, model_device
 from ..validation import check_bool, check_optional_positive_int, check_positive_int, check_probability, check_seed
-from ._evaluation import EvaluationEndHooks, iter_batches, log_once, per_sample_noise, rank_and_world, sample_ids, shard
+from ._evaluation import EvaluationEndHooks, device_trigger, iter_batches, log_once, per_sample_noise, rank_and_world, sample_ids, shard
 
 _STAGES = ("validate", "test")
 _PREFIX = {"validate": "val", "test": "test"}
@@ -74,6 +74,10 @@ class DetectionCallback(EvaluationEndHooks, Callback):
     When: at the end of each validation (every ``every_n_epochs`` epochs during ``fit``) and test run,
     once — after the last batch of the last evaluation dataloader, so the values appear once in the
     test table and in what ``trainer.test`` returns (in the poisoned loader's results).
+
+    Batch-level attacks (IAD): their poisoned sets hold clean images (:class:`~lightning_backdoor.data.DeviceTriggerSet`)
+    and the module's *current* trigger (``pl_module.batch_attack.trigger``) is applied to each batch on the
+    device before scoring, so the detectors see the generator of the epoch they run in.
 
     Samples: capped sets (``max_samples``, ``fit_samples``) are seeded random samples of the sets
     (``seed``; the same on every rank), never their first samples.
@@ -235,7 +239,9 @@ class DetectionCallback(EvaluationEndHooks, Callback):
             return
         rank, world = rank_and_world(trainer)
         show = self.progress and rank == 0 and getattr(trainer, "progress_bar_callback", None) is not None
-        results = self._score_sets(net, active, benign, poisoned, target, device, rank, world, prefix, show)
+        trigger = device_trigger(poisoned, pl_module, trainer)  # batch attacks: the current generator, on the device
+        results = self._score_sets(net, active, benign, poisoned, target, device, rank, world, prefix, show,
+                                   trigger=trigger)
         values: Dict[str, float] = {}
         for det in active:
             for subset, metric in results["metrics"][det.name].items():
@@ -283,7 +289,8 @@ class DetectionCallback(EvaluationEndHooks, Callback):
             active.append(det)
         return active
 
-    def _score_sets(self, net, active, benign, poisoned, target, device, rank, world, prefix, show) -> Dict[str, Any]:
+    def _score_sets(self, net, active, benign, poisoned, target, device, rank, world, prefix, show,
+                    trigger=None) -> Dict[str, Any]:
         subsets = [""] if target is None else ["", "/successful"]
         metrics = {d.name: {sub: DetectionMetrics(d.threshold).to(device) for sub in subsets} for d in active}
         det_time = {d.name: 0.0 for d in active}
@@ -301,7 +308,7 @@ class DetectionCallback(EvaluationEndHooks, Callback):
         for loader, is_poisoned, set_id in sets:
             sub, positions = shard(loader, rank, world, self.max_samples, seed=self.seed)
             self.last_num_scored["poisoned" if is_poisoned else "benign"] = int(len(positions))
-            it = iter_batches(sub, positions, device)
+            it = iter_batches(sub, positions, device, transform=trigger if is_poisoned else None)
             if tqdm is not None and show:
                 it = tqdm(it, total=len(sub), desc=f"{prefix} detection ({'poisoned' if is_poisoned else 'benign'})",
                           leave=False, dynamic_ncols=True)

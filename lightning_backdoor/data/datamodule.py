@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -12,10 +12,11 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
 from ..validation import check_label, check_positive_int, check_probability, warn_ignored
 from ..attacks.base import Attack
+from ..attacks.batch_base import BatchAttack
 from ..sanitizers.base import Sanitizer
 from .datasets import DatasetSpec, get_spec
 from .loaders import ResumableDataLoader, capture_rng, eval_sampler, restore_rng
-from .poisoned import CleanDataset, PoisonedDataset, dataset_labels, fingerprint, stratified_split
+from .poisoned import CleanDataset, DeviceTriggerSet, PoisonedDataset, dataset_labels, fingerprint, stratified_split
 from .sanitize import Sanitization, remove_samples, sanitize_training_set
 
 #: Bumped when the meaning of :meth:`BackdoorDataModule.state_dict` changes. Version 3: stratified
@@ -80,7 +81,12 @@ class BackdoorDataModule(LightningDataModule):
         dataset: ``"mnist5k"`` (embedded, no download: the default), ``"mnist"``, ``"cifar10"``,
             ``"gtsrb"``, ``"imagenette"``, ``"tiny_imagenet"`` or ``"imagefolder"``.
         root: folder holding the dataset files (not needed for ``mnist5k``).
-        attack: the trigger; ``None`` trains a clean model.
+        attack: the trigger; ``None`` trains a clean model. A batch-level attack
+            (:class:`~lightning_backdoor.attacks.BatchAttack`, e.g. IAD) leaves the training set clean
+            (``BackdoorClassifier`` poisons each batch on the device and trains the attack with the
+            classifier) and makes the poisoned evaluation sets :class:`~lightning_backdoor.data.DeviceTriggerSet`
+            (clean non-target images; the current trigger is applied on the device when evaluated);
+            ``rate`` is then unused (the attack's own shares decide).
         target: the target label.
         rate: poisoned share of the whole training set, in ``(0, 1]`` (the field's convention; the
             poisoned samples are drawn from the non-target samples, or from the target class for
@@ -111,7 +117,7 @@ class BackdoorDataModule(LightningDataModule):
         self,
         dataset: str = "mnist5k",
         root: Optional[str] = None,
-        attack: Optional[Attack] = None,
+        attack: Optional[Union[Attack, BatchAttack]] = None,
         target: int = 0,
         rate: float = 0.1,
         seed: int = 0,
@@ -129,8 +135,9 @@ class BackdoorDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.spec: DatasetSpec = get_spec(dataset)
-        if attack is not None and not isinstance(attack, Attack):
-            raise TypeError(f"attack must be a lightning_backdoor.attacks.Attack or None, got {type(attack).__name__}")
+        if attack is not None and not isinstance(attack, (Attack, BatchAttack)):
+            raise TypeError(f"attack must be a lightning_backdoor.attacks.Attack, a BatchAttack (e.g. IAD) or None, got "
+                            f"{type(attack).__name__}")
         self.root, self.attack = root, attack
         self.target = int(target) if not isinstance(target, bool) else target
         self.rate = check_probability(rate, "rate", low_open=True)
@@ -186,11 +193,15 @@ class BackdoorDataModule(LightningDataModule):
         train_labels = labels[train_idx]
 
         x0 = train_full[0][0]
-        if self.attack is not None:
+        self._image_shape = tuple(x0.shape)
+        self._val_base, self._test_base = Subset(train_full, val_idx.tolist()), test
+        if isinstance(self.attack, BatchAttack):
+            self.attack.build(*x0.shape)
+        elif self.attack is not None:
             self.attack.build(*x0.shape)
         aug = self._augmentation(tuple(x0.shape[-2:])) if self.augment else None
 
-        if self.attack is None:
+        if self.attack is None or isinstance(self.attack, BatchAttack):
             self.train_set: Dataset = CleanDataset(train_base, transform=aug)
         else:
             self.train_set = PoisonedDataset(train_base, self.attack, self.target, self.num_classes,
@@ -208,7 +219,9 @@ class BackdoorDataModule(LightningDataModule):
         self.defense_set = CleanDataset(Subset(train_full, def_idx.tolist()))
         self.val_poisoned: Optional[Dataset] = None
         self.test_poisoned: Optional[Dataset] = None
-        if self.attack is not None:
+        if isinstance(self.attack, BatchAttack):
+            self._device_trigger_sets()
+        elif self.attack is not None:
             if n_val:
                 self.val_poisoned = PoisonedDataset(val_base, self.attack, self.target, self.num_classes,
                                                     1.0, self.seed, "test")
@@ -218,6 +231,45 @@ class BackdoorDataModule(LightningDataModule):
         pending = self.__dict__.pop("_pending_state", None)
         if pending is not None:
             self._verify(pending)
+
+    def _device_trigger_sets(self) -> None:
+        self.val_poisoned = DeviceTriggerSet(self._val_base, self.target, self.num_classes) if len(self._val_base) else None
+        self.test_poisoned = DeviceTriggerSet(self._test_base, self.target, self.num_classes)
+
+    def set_batch_attack(self, attack: BatchAttack) -> None:
+        """Use ``attack`` (a batch attack owned by the LightningModule) for the poisoned evaluation sets.
+
+        Called by ``BackdoorClassifier(batch_attack=...)`` in ``setup``; builds its generators for this
+        data's image shape and makes the poisoned sets :class:`~lightning_backdoor.data.DeviceTriggerSet`.
+        """
+        if not isinstance(attack, BatchAttack):
+            raise TypeError(f"attack must be a BatchAttack, got {type(attack).__name__}")
+        if self.attack is not None and not isinstance(self.attack, BatchAttack):
+            raise ValueError(f"this data module already poisons its training set with {self.attack.name!r}; a batch "
+                             "attack needs a data module with attack=None")
+        self.attack = attack
+        if self._built:
+            attack.build(*self._image_shape)
+            self._device_trigger_sets()
+
+    def set_eval_attack(self, attack: Attack) -> None:
+        """Evaluate with ``attack`` without poisoning the training set (the trigger of a model-edit attack, SRA).
+
+        Builds the poisoned validation/test sets with ``attack`` (the data must be set up); the training set
+        stays as it is (clean). Recorded in ``state_dict`` like a training attack, without poisoned training
+        indices, so ``from_checkpoint`` rebuilds the poisoned test set.
+        """
+        if not isinstance(attack, Attack):
+            raise TypeError(f"attack must be a dataset-level lightning_backdoor.attacks.Attack, got {type(attack).__name__}")
+        if self.attack is not None:
+            raise ValueError(f"this data module already has the attack {getattr(self.attack, 'name', self.attack)!r}")
+        self._ensure()
+        self.attack = attack
+        attack.build(*self._image_shape)
+        self.val_poisoned = (PoisonedDataset(self._val_base, attack, self.target, self.num_classes, 1.0, self.seed,
+                                             "test") if len(self._val_base) else None)
+        self.test_poisoned = PoisonedDataset(self._test_base, attack, self.target, self.num_classes, 1.0, self.seed,
+                                             "test")
 
     def _augmentation(self, size: Tuple[int, int]):
         from torchvision.transforms import v2
@@ -341,6 +393,9 @@ class BackdoorDataModule(LightningDataModule):
                                 "train_size": len(self.train_set)}
         if isinstance(self.train_set, PoisonedDataset):
             info.update(self.train_set.info())
+        elif isinstance(self.attack, BatchAttack):
+            info.update({"attack": self.attack.name, "attack_params": self.attack.hparams(), "target": self.target,
+                         "poisoned_on_device": True})
         else:
             info.update({"attack": None, "poison_rate": 0.0})
         if self.sanitization is not None:
@@ -357,6 +412,7 @@ class BackdoorDataModule(LightningDataModule):
         kwargs = {k: v for k, v in hp.items() if k in params and not isinstance(v, dict)}
         return {"attack_name": getattr(self.attack, "name", type(self.attack).__name__),
                 "attack_kwargs": kwargs,
+                "attack_kind": "batch" if isinstance(self.attack, BatchAttack) else "dataset",
                 "attack_state": {k: v.detach().cpu() for k, v in self.attack.state_dict().items()}}
 
     def state_dict(self) -> Dict[str, Any]:
@@ -368,7 +424,7 @@ class BackdoorDataModule(LightningDataModule):
         if self._built and isinstance(self.train_set, PoisonedDataset):
             state["poison_indices"] = self.train_set.poison_indices.clone()
             state["cover_indices"] = self.train_set.cover_indices.clone()
-        if self._built and isinstance(self.test_poisoned, PoisonedDataset):
+        if self._built and isinstance(self.test_poisoned, (PoisonedDataset, DeviceTriggerSet)):
             state["test_poison_fingerprint"] = fingerprint(self.test_poisoned.indices)
             state["test_poison_count"] = int(len(self.test_poisoned))
         if self.attack is not None:
@@ -440,7 +496,7 @@ class BackdoorDataModule(LightningDataModule):
                         f"{fingerprint(now)}) differ from the checkpoint's ({len(saved)} samples, fingerprint "
                         f"{fingerprint(torch.as_tensor(saved))}): the training data changed since the checkpoint "
                         f"(other files under root={self.root!r}, another dataset version or order)")
-        if "test_poison_fingerprint" in state and isinstance(self.test_poisoned, PoisonedDataset):
+        if "test_poison_fingerprint" in state and isinstance(self.test_poisoned, (PoisonedDataset, DeviceTriggerSet)):
             now = fingerprint(self.test_poisoned.indices)
             if now != state["test_poison_fingerprint"]:
                 raise CheckpointMismatchError(
@@ -458,6 +514,9 @@ class BackdoorDataModule(LightningDataModule):
         data settings come from the checkpoint's ``datamodule_hyper_parameters``, the attack from
         the recorded attack name, arguments and buffers; the returned module is set up and its
         poisoned sets verified against the recorded indices and fingerprint.
+        A batch-level attack (IAD) is rebuilt with its trained generators from the recorded state; its
+        ``test_poisoned`` is then a :class:`~lightning_backdoor.data.DeviceTriggerSet` of clean images to
+        pass through ``dm.attack.trigger(x)`` (on any device).
         A sanitised run's training set is rebuilt with the recorded removals (its sanitiser, which may
         need a feature model, is not rebuilt; pass ``sanitizer=...`` to recompute and verify them).
 
@@ -488,9 +547,10 @@ class BackdoorDataModule(LightningDataModule):
         if root is not None:
             kwargs["root"] = root
         if "attack_name" in state:
-            from ..attacks import create_attack
+            from ..attacks import create_attack, create_batch_attack
 
-            attack = create_attack(state["attack_name"], **state.get("attack_kwargs", {}))
+            create = create_batch_attack if state.get("attack_kind") == "batch" else create_attack
+            attack = create(state["attack_name"], **state.get("attack_kwargs", {}))
             attack.load_state_dict(state["attack_state"])
             kwargs["attack"] = attack
         kwargs.update(overrides)

@@ -333,3 +333,39 @@ class CleanDataset(Dataset):
         if self.transform is not None:
             x = self.transform(x)
         return Sample(x, int(y), False, int(y), index)
+
+
+class DeviceTriggerSet(Dataset):
+    """The poisoned evaluation (ASR) set of a batch-level attack: its trigger is applied on the device.
+
+    Holds the samples whose true label is not ``target``, as clean images, each yielded as
+    ``Sample(x_clean, target, True, true_label, index)``. Whoever evaluates it applies the attack's
+    *current* trigger to the batch on the device (``BatchAttack.trigger``): the classifier's ASR,
+    ``BackdoorMetrics`` and ``DetectionCallback`` do so when ``triggers_on_device`` is set.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> ds = DeviceTriggerSet(TensorDataset(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 2, 0])), target=0,
+        ...                       num_classes=3)
+        >>> len(ds), ds[0].y, ds[0].original_y, ds[0].poisoned
+        (2, 0, 1, True)
+    """
+
+    triggers_on_device = True
+
+    def __init__(self, dataset: Dataset, target: int, num_classes: int, labels: Tensor | None = None) -> None:
+        self.target = check_label(target, "target", num_classes)
+        self.dataset = dataset
+        labels = dataset_labels(dataset) if labels is None else labels
+        self.indices = torch.nonzero(labels != self.target).flatten()
+        if len(self.indices) == 0:
+            raise ValueError(f"dataset has no samples whose label is not the target {target}; "
+                             "the poisoned test set (ASR) would be empty")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Sample:
+        index = int(self.indices[i])
+        x, y = self.dataset[index][:2]
+        return Sample(x, self.target, True, int(y), index)

@@ -153,7 +153,8 @@ def load_matrix_config(path: str | os.PathLike) -> MatrixConfig:
 
 
 def set_dotted(cfg: Dict[str, Any], key: str, value: Any) -> None:
-    """``cfg["a"]["b"]["c"] = value`` for ``key = "a.b.c"``; list elements by index (``trainer.callbacks.1``)."""
+    """``cfg["a"]["b"]["c"] = value`` for ``key = "a.b.c"``; list elements by index (``trainer.callbacks.1``; the
+    index one past the end appends)."""
     parts = key.split(".")
     node: Any = cfg
     for i, part in enumerate(parts[:-1]):
@@ -169,6 +170,9 @@ def set_dotted(cfg: Dict[str, Any], key: str, value: Any) -> None:
         node = nxt
     last = parts[-1]
     if isinstance(node, list):
+        if int(last) == len(node):  # one past the end appends (e.g. a callback the attack needs)
+            node.append(copy.deepcopy(value))
+            return
         node[int(last)] = copy.deepcopy(value)
     else:
         node[last] = copy.deepcopy(value)

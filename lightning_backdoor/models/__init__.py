@@ -14,7 +14,7 @@ from .cnn import BadNetsCNN, SmallCNN
 from .normalize import DATASET_STATS, Normalize
 from .outputs import LogitsOf, check_logits
 from .resnet import BasicBlock, CifarResNet, resnet18, resnet20, resnet34
-from .vgg import VGG, vgg16_bn, vgg19_bn
+from .vgg import VGG, vgg11_bn, vgg16_bn, vgg19_bn
 
 __all__ = [
     "MODELS",
@@ -33,6 +33,7 @@ __all__ = [
     "resnet34",
     "resnet20",
     "VGG",
+    "vgg11_bn",
     "vgg16_bn",
     "vgg19_bn",
 ]

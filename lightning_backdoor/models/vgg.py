@@ -93,6 +93,25 @@ class VGG(ImageClassifier):
         return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
+@MODELS.register("vgg11_bn")
+def vgg11_bn(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    mean: _Stat = None,
+    std: _Stat = None,
+    width_div: int = 1,
+    hidden_dim: int = 0,
+    dropout: float = 0.5,
+) -> VGG:
+    """VGG-11 with batch norm (8 Conv-BN-ReLU layers, configuration A), CIFAR-style classifier.
+
+    Example:
+        >>> vgg11_bn(width_div=8)(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    return VGG(11, num_classes, in_channels, mean, std, width_div=width_div, hidden_dim=hidden_dim, dropout=dropout)
+
+
 @MODELS.register("vgg16_bn")
 def vgg16_bn(
     num_classes: int = 10,

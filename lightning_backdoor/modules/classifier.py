@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from ..attacks.batch_base import BatchAttack
 from ..batch import parse_batch
 from ..checkpoints import load_net_weights
 from ..metrics.backdoor import AttackSuccessRate, BenignAccuracy
@@ -62,6 +63,15 @@ class BackdoorClassifier(LightningModule):
             start fresh. This is fine-tuning, not resuming — to resume a run, pass the run's own
             checkpoint to ``fit --ckpt_path`` (then ``init_weights`` is skipped). Loaded once per
             module: ``test`` after ``fit`` and modules restored from a checkpoint keep their weights.
+        output_key: selects the logits when the net returns a tuple/dict/object.
+        batch_attack: a :class:`~lightning_backdoor.attacks.BatchAttack` (IAD) poisoning every training
+            batch on the device (default: the data module's ``attack`` when it is one). With a batch
+            attack the module uses manual optimisation (so no ``gradient_clip_val``): ``optimizer``/``scheduler`` are the
+            classifier's, the attack brings its own (docs/attacks_training.md); the classifier's
+            optimiser sees only ``net`` (and loss-term) parameters. Extra logged keys:
+            ``train/loss/attack`` and ``train/loss/pretrain`` (the attack's pre-training phase). The
+            attack's parts are submodules: saved in every checkpoint and restored on resume and by
+            ``load_from_checkpoint`` (rebuilt from the recorded name and arguments when not given).
 
     Example:
         >>> from lightning_backdoor.models import create_model
@@ -79,8 +89,14 @@ class BackdoorClassifier(LightningModule):
         noise_seed: int = 0,
         init_weights: Optional[str] = None,
         output_key: Union[str, int, None] = None,
+        batch_attack: Optional[BatchAttack] = None,
     ) -> None:
         super().__init__()
+        if batch_attack is not None and not isinstance(batch_attack, BatchAttack):
+            raise TypeError(f"batch_attack must be a lightning_backdoor.attacks.BatchAttack (e.g. IAD()) or None, got "
+                            f"{type(batch_attack).__name__}; dataset-level attacks go to BackdoorDataModule(attack=...)")
+        self.batch_attack = batch_attack
+        self._attack_phases: list = []
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
         for s in noise_sigmas:
@@ -115,7 +131,9 @@ class BackdoorClassifier(LightningModule):
             self.metrics[f"{stage}_asr"] = AttackSuccessRate()
             for i, _ in enumerate(self.noise_sigmas):
                 self.metrics[f"{stage}_asr_noise{i}"] = AttackSuccessRate()
-        self.save_hyperparameters(ignore=["net", "losses", "optimizer", "scheduler", "target"])
+        self.save_hyperparameters(ignore=["net", "losses", "optimizer", "scheduler", "target", "batch_attack"])
+        if batch_attack is not None:
+            self._adopt_batch_attack(batch_attack)
 
     def forward(self, x: Tensor) -> Tensor:
         return select_output(self.net(x), self.output_key)
@@ -144,7 +162,7 @@ class BackdoorClassifier(LightningModule):
         return out
 
     def _check_first_batch(self, x: Tensor, stage: str) -> None:
-        check_images(x, f"the first {stage} batch", allow_single=False)
+        check_images(x.detach(), f"the first {stage} batch", allow_single=False)
         dtype = model_dtype(self.net)
         if x.dtype != dtype:
             raise TypeError(
@@ -154,6 +172,7 @@ class BackdoorClassifier(LightningModule):
     # -- set-up ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self._connect_batch_attack(dm)
         if self.target is None and dm is not None and getattr(dm, "attack", None) is not None:
             self.target = int(dm.target)
         num_classes = getattr(dm, "num_classes", None)
@@ -172,6 +191,43 @@ class BackdoorClassifier(LightningModule):
             )
         self._load_init_weights()
 
+    # -- the batch-level attack seam ---------------------------------------------------------------
+    def _adopt_batch_attack(self, attack: BatchAttack) -> None:
+        """Make ``attack`` a submodule (saved in checkpoints, moved with the module) and switch to manual
+        optimisation (the classifier's and the attack's optimisers step in :meth:`training_step`)."""
+        self.batch_attack = attack
+        self.automatic_optimization = False
+
+    def _connect_batch_attack(self, dm: Any) -> None:
+        """Adopt the data module's batch attack, or hand ours to the data module (its poisoned eval sets)."""
+        dm_attack = getattr(dm, "attack", None) if dm is not None else None
+        if self.batch_attack is None:
+            if isinstance(dm_attack, BatchAttack):
+                self._adopt_batch_attack(dm_attack)
+            return
+        if dm is None or dm_attack is self.batch_attack:
+            return
+        if dm_attack is not None and not isinstance(dm_attack, BatchAttack):
+            raise ValueError(
+                f"the data module poisons its training set with the dataset-level attack "
+                f"{getattr(dm_attack, 'name', type(dm_attack).__name__)!r} and this BackdoorClassifier has the batch "
+                f"attack {self.batch_attack.name!r}: use one of them (a batch attack goes to "
+                "BackdoorDataModule(attack=...) or BackdoorClassifier(batch_attack=...) with a clean data module)")
+        if hasattr(dm, "set_batch_attack"):
+            dm.set_batch_attack(self.batch_attack)
+
+    def _batch_attack_record(self) -> Dict[str, Any]:
+        import inspect
+
+        attack = self.batch_attack
+        params = inspect.signature(type(attack).__init__).parameters
+        kwargs = {k: v for k, v in attack.hparams().items() if k in params}
+        return {"name": attack.name, "kwargs": kwargs}
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if self.batch_attack is not None:
+            checkpoint["batch_attack"] = self._batch_attack_record()
+
     def _load_init_weights(self) -> None:
         """Copy ``init_weights`` into ``net`` once (skipped when resuming with ``--ckpt_path``)."""
         if self.init_weights is None or self._init_weights_done:
@@ -189,6 +245,12 @@ class BackdoorClassifier(LightningModule):
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # the checkpoint's weights supersede init_weights (load_from_checkpoint, --ckpt_path)
         self._init_weights_done = True
+        record = checkpoint.get("batch_attack")
+        if self.batch_attack is None and isinstance(record, dict):
+            # load_from_checkpoint without batch_attack=: rebuild it so the state dict's generators load
+            from ..attacks.batch_base import create_batch_attack
+
+            self._adopt_batch_attack(create_batch_attack(record["name"], **dict(record.get("kwargs") or {})))
 
     def on_fit_start(self) -> None:
         self._log_backdoor_info()
@@ -250,13 +312,50 @@ class BackdoorClassifier(LightningModule):
             logger.log_metrics(metrics, step=self.global_step)
 
     def configure_optimizers(self) -> Any:
+        if self.batch_attack is not None:
+            return self._configure_with_batch_attack()
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
 
+    def _configure_with_batch_attack(self) -> Any:
+        """``[classifier optimiser, attack optimisers...]`` and every scheduler (stepped per epoch by us)."""
+        params = [p for n, p in self.named_parameters() if not n.startswith("batch_attack.")]
+        optimizers = [self.optimizer_factory(params)]
+        schedulers = []
+        if self.scheduler_factory is not None:
+            schedulers.append({"scheduler": self.scheduler_factory(optimizers[0]), "interval": "epoch"})
+        self._attack_phases = []
+        for entry in self.batch_attack.configure_optimizers():
+            if entry.phase not in ("train", "pretrain"):
+                raise ValueError(f"batch attack {self.batch_attack.name!r}: optimiser {entry.name!r} has phase "
+                                 f"{entry.phase!r}; expected 'train' or 'pretrain'")
+            optimizers.append(entry.optimizer)
+            self._attack_phases.append(entry.phase)
+            if entry.scheduler is not None:
+                schedulers.append({"scheduler": entry.scheduler, "interval": "epoch"})
+        return optimizers, schedulers
+
+    def on_train_epoch_start(self) -> None:
+        self._stepped_optimizers = set()
+
+    def on_train_epoch_end(self) -> None:
+        if self.automatic_optimization:
+            return
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        stepped = getattr(self, "_stepped_optimizers", set())
+        for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
+            # a schedule advances with the epochs its optimiser trained in (not during the attack's pre-training)
+            if id(getattr(sched, "optimizer", None)) in stepped:
+                sched.step()
+
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.batch_attack is not None:
+            return self._batch_attack_step(batch)
         b = parse_batch(batch, require_labels=True)
         x, y = b.x, b.y
         poisoned = b.poisoned if b.poisoned is not None else torch.zeros_like(y, dtype=torch.bool)
@@ -288,6 +387,72 @@ class BackdoorClassifier(LightningModule):
                              reduce_fx="max", batch_size=n)
         return loss
 
+    def _batch_attack_step(self, batch: Any) -> Tensor:
+        """One manual-optimisation step with the batch attack: pre-training, or poison + train both."""
+        b = parse_batch(batch, require_labels=True)
+        x, y = b.x, b.y
+        if "train" not in self._checked_stages:
+            self._check_first_batch(x, "train")
+        if self.target is None:
+            raise RuntimeError(f"the batch attack {self.batch_attack.name!r} needs a target label: pass "
+                               "BackdoorClassifier(target=...) or use a BackdoorDataModule (its target)")
+        opts = self.optimizers()
+        opts = list(opts) if isinstance(opts, (list, tuple)) else [opts]
+        attack_opts = list(zip(opts[1:], self._attack_phases))
+        phase = self.batch_attack.phase()
+        n = len(x)
+        if phase == "pretrain":
+            stepping = [o for o, ph in attack_opts if ph == "pretrain"]
+            if not stepping:
+                raise RuntimeError(f"batch attack {self.batch_attack.name!r} is in its pre-training phase but has no "
+                                   "optimiser with phase='pretrain'")
+            loss = self.batch_attack.pretrain_loss(x, y)
+            self._check_finite(loss, loss)
+            self._step(stepping, loss)
+            self.batch_attack.step_done(phase)
+            self.log("train/loss/pretrain", loss.detach(), on_step=True, on_epoch=True, batch_size=n)
+            return loss.detach()
+        pb = self.batch_attack.poison_batch(x, y, int(self.target))
+        if not isinstance(pb.x, Tensor) or pb.x.shape != x.shape or pb.y.shape != y.shape:
+            raise ValueError(f"batch attack {self.batch_attack.name!r}: poison_batch must return x and y shaped like "
+                             f"the batch ({tuple(x.shape)}, {tuple(y.shape)}), got "
+                             f"{tuple(getattr(pb.x, 'shape', ()))}, {tuple(getattr(pb.y, 'shape', ()))}")
+        logits = self._logits(pb.x, "train")
+        loss_bd = F.cross_entropy(logits, pb.y)
+        main_weight = 1.0
+        extra = torch.zeros((), device=loss_bd.device)
+        for term in self.loss_terms:
+            main_weight *= float(getattr(term, "main_weight", 1.0))
+            value = term(self.logits_net, pb.x, pb.y, pb.poisoned, y, self.target, logits=logits)
+            if value is not None:
+                extra = extra + value
+                self.log(f"train/loss/{term.name}", value.detach(), on_step=True, on_epoch=True, batch_size=n)
+        attack_loss = self.batch_attack.attack_loss(x, y, pb)
+        loss = main_weight * loss_bd + extra + (attack_loss if attack_loss is not None else 0.0)
+        self._check_finite(loss, loss_bd)
+        self._step([opts[0]] + [o for o, ph in attack_opts if ph == "train"], loss)
+        self.batch_attack.step_done(phase)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/loss/bd", loss_bd.detach(), on_step=True, on_epoch=True, batch_size=n)
+        if attack_loss is not None:
+            self.log("train/loss/attack", attack_loss.detach(), on_step=True, on_epoch=True, batch_size=n)
+        return loss.detach()
+
+    def _step(self, optimizers: Sequence[Any], loss: Tensor) -> None:
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        stepped = self.__dict__.setdefault("_stepped_optimizers", set())
+        for opt in optimizers:
+            opt.step()
+            stepped.add(id(getattr(opt, "optimizer", opt)))
+
+    def _check_finite(self, loss: Tensor, loss_bd: Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError(
+                f"training diverged: the loss is {float(loss.detach())} at global step {self.global_step} (L_bd "
+                f"{float(loss_bd.detach())}); the weights would turn NaN from here. Lower the learning rate(s)")
+
     # -- evaluation ------------------------------------------------------------------------------
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, batch_idx, dataloader_idx)
@@ -298,6 +463,9 @@ class BackdoorClassifier(LightningModule):
     def _eval_step(self, stage: str, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         b = parse_batch(batch, require_labels=True)
         x, y, original_y = b.x, b.y, b.original_y
+        if dataloader_idx == 1 and self.batch_attack is not None:
+            # the poisoned set of a batch attack holds clean images: the current trigger, on the device
+            x = self.batch_attack.trigger(x)
         logits = self._logits(x, stage)
         n = len(x)
         if dataloader_idx == 0:

@@ -33,6 +33,7 @@ def small_kwargs(name: str, size: int = 32) -> dict:
         "resnet18": {"width": 8},
         "resnet34": {"width": 4},
         "resnet20": {"width": 4},
+        "vgg11_bn": {"width_div": 16},
         "vgg16_bn": {"width_div": 16},
         "vgg19_bn": {"width_div": 16},
     }
@@ -55,7 +56,7 @@ def test_registered_names():
     expected = {"badnets_cnn", "small_cnn", "resnet18", "resnet34", "resnet20", "vgg16_bn", "vgg19_bn"}
     assert expected <= set(ALL)
     assert list_models("resnet*") == ["resnet18", "resnet20", "resnet34"]
-    assert list_models("VGG*") == ["vgg16_bn", "vgg19_bn"]
+    assert list_models("VGG*") == ["vgg11_bn", "vgg16_bn", "vgg19_bn"]
     assert "ResNet18" in MODELS
 
 
