@@ -1,6 +1,7 @@
 """The attack x defence matrix end to end on fast_dev_run-sized cells: sequential and Ray, resume, failures, outputs."""
 
 import csv
+from pathlib import Path
 import json
 import re
 
@@ -167,3 +168,50 @@ def test_resume_reruns_a_finished_cell_whose_config_changed(tmp_path):
     changed = run_matrix(one({"trainer.limit_test_batches": 1}), log=messages.append, report=False)
     assert changed["skipped"] == [] and changed["results"][0]["status"] == "ok"
     assert any("config changed" in m and "badnets-seed0" in m for m in messages)
+
+
+MATRIX_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs" / "matrix").glob("*.yaml")
+                        if not p.name.startswith("cell_"))
+
+
+def _check_class_paths(node, where):
+    """Every ``class_path`` imports and every ``init_args`` key is a parameter of that class (recursively)."""
+    import importlib
+    import inspect
+
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_class_paths(item, f"{where}[{i}]")
+    elif isinstance(node, dict):
+        if "class_path" in node:
+            module, name = node["class_path"].rsplit(".", 1)
+            cls = getattr(importlib.import_module(module), name)
+            params = inspect.signature(cls.__init__).parameters
+            takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+            for key in node.get("init_args") or {}:
+                assert takes_kwargs or key in params, f"{where}: {node['class_path']} has no argument {key!r}"
+        for key, value in node.items():
+            _check_class_paths(value, f"{where}.{key}")
+
+
+@pytest.mark.parametrize("path", MATRIX_CONFIGS, ids=[p.stem for p in MATRIX_CONFIGS])
+def test_shipped_matrix_configs_build_cells_the_cli_accepts(path, tmp_path, capsys):
+    """Every cell of the shipped grids names classes and arguments that exist; one cell per grid goes through the
+    CLI's own parser (types, required arguments)."""
+    import yaml
+
+    from lightning_backdoor.cli import run_cli
+    from lightning_backdoor.matrix import load_matrix_config
+
+    cfg = load_matrix_config(path)
+    cells = build_cells(cfg)
+    assert len(cells) == len(cfg.attacks) * len(cfg.seeds) and len(cfg.attacks) >= 5
+    for cell in cells:
+        _check_class_paths(cell.config, cell.key)
+    cell = next(c for c in cells if c.attack == "sra") if "sra" in cfg.attacks else cells[0]
+    cfg_path = tmp_path / f"{cell.key}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cell.config, sort_keys=False))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "--config", str(cfg_path), "--print_config"])
+    assert exit_.value.code in (0, None), cell.key
+    assert yaml.safe_load(capsys.readouterr().out)["seed_everything"] == cell.seed
