@@ -15,7 +15,9 @@ import yaml
 from lightning_backdoor.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("sweep_"))  # sweep_*: W&B sweep files
+# sweep_*: W&B sweep files; configs/matrix/<grid>.yaml are matrix configs (tests/test_matrix.py), their cell_*.yaml fit configs
+ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("sweep_")
+                     and not (p.parent.name == "matrix" and not p.name.startswith("cell_")))
 CIFAR_CONFIGS = sorted((CONFIGS / "cifar10").glob("*.yaml"))
 
 
