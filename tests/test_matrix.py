@@ -215,3 +215,21 @@ def test_shipped_matrix_configs_build_cells_the_cli_accepts(path, tmp_path, caps
         run_cli(["fit", "--config", str(cfg_path), "--print_config"])
     assert exit_.value.code in (0, None), cell.key
     assert yaml.safe_load(capsys.readouterr().out)["seed_everything"] == cell.seed
+
+
+def test_sigterm_stops_the_matrix_instead_of_failing_each_cell(tmp_path, monkeypatch):
+    """Lightning turns SIGTERM into SIGTERMException; the first version recorded it as a failed cell and went on."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import lightning_backdoor.cli
+
+    calls = []
+
+    def killed(args):
+        calls.append(args)
+        raise SIGTERMException()
+
+    monkeypatch.setattr(lightning_backdoor.cli, "run_cli", killed)
+    with pytest.raises(SIGTERMException):
+        run_matrix(config(tmp_path), log=lambda *_: None, report=False)
+    assert len(calls) == 1 and not list(tmp_path.glob("cells/*/result.json"))

@@ -149,7 +149,7 @@ def run_cell(cell: Dict[str, Any], cpus: Optional[int] = None) -> Dict[str, Any]
         result["wandb"] = _finish_wandb(cli.trainer, ok=True)
         result["status"] = "ok"
     except BaseException as err:  # noqa: BLE001 - a failed cell is a result, not a crash of the matrix
-        if isinstance(err, KeyboardInterrupt):
+        if _is_stop_request(err):  # Ctrl-C, SIGTERM (kill, SLURM preemption): stop the matrix
             raise
         result["status"] = "failed"
         result["error"] = "".join(traceback.format_exception(type(err), err, err.__traceback__))[-6000:]
@@ -160,6 +160,17 @@ def run_cell(cell: Dict[str, Any], cpus: Optional[int] = None) -> Dict[str, Any]
     result["wall_s"] = time.perf_counter() - start
     _write_result(cell_dir, result)
     return result
+
+
+def _is_stop_request(err: BaseException) -> bool:
+    """Whether ``err`` asks the whole matrix to stop rather than being one cell's failure.
+
+    Lightning turns a SIGTERM into ``SIGTERMException`` (a ``BaseException``); recording it as a failed cell
+    and going on to the next one would make the matrix unkillable short of SIGKILL.
+    """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return isinstance(err, (KeyboardInterrupt, SIGTERMException))
 
 
 def _finish_wandb(trainer: Any, ok: bool) -> Optional[Dict[str, str]]:
