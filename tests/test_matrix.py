@@ -233,3 +233,16 @@ def test_sigterm_stops_the_matrix_instead_of_failing_each_cell(tmp_path, monkeyp
     with pytest.raises(SIGTERMException):
         run_matrix(config(tmp_path), log=lambda *_: None, report=False)
     assert len(calls) == 1 and not list(tmp_path.glob("cells/*/result.json"))
+
+
+def test_report_only_writes_the_finished_cells_and_runs_nothing(sequential, tmp_path):
+    out, first = sequential
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
+    extra = {"wanet": {"data.init_args.attack": {"class_path": "lightning_backdoor.attacks.WaNet"}}}
+    report = run_matrix(config(out, {**ATTACKS, **BROKEN, **extra}), run=False, log=lambda *_: None)
+    assert report["pending"] == ["wanet-seed0", "wanet-seed1"] and not (out / "cells" / "wanet-seed0").exists()
+    assert report["failed"] == ["broken-seed0", "broken-seed1"]  # as recorded on disk, not re-run
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")} == stamps
+    assert comparable(r for r in report["results"] if r["status"] == "ok") == comparable(
+        r for r in first["results"] if r["status"] == "ok")
+    assert "| scale_up |" in (out / "matrix.md").read_text()

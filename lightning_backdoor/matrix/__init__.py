@@ -31,9 +31,12 @@ __all__ = ["Cell", "MatrixConfig", "MatrixConfigError", "build_cells", "load_mat
            "parse_matrix_config", "read_result", "run_cell", "run_matrix"]
 
 
-def run_matrix(cfg: MatrixConfig, *, resume: bool = True, report: bool = True,
+def run_matrix(cfg: MatrixConfig, *, resume: bool = True, report: bool = True, run: bool = True,
                log: Any = print) -> Dict[str, Any]:
     """Run every unfinished cell of ``cfg`` and write the outputs.
+
+    ``run=False`` runs nothing: the outputs are written from the cells that finished so far (a look at a
+    grid that is still running, or was stopped); the others are listed as ``pending``.
 
     Returns ``{"results": [...], "skipped": [keys], "failed": [keys], "out_dir": Path, "wall_s": float,
     "aggregate": {...}, "markdown": Path, ...}``.
@@ -68,12 +71,20 @@ def run_matrix(cfg: MatrixConfig, *, resume: bool = True, report: bool = True,
                   if status == "ok" else f" — {((r.get('error') or '').strip().splitlines() or [''])[-1]}"))
         log(msg)
 
-    if pending:
+    if not run:  # report what is on disk: failed cells as failed, cells never run as pending
+        for c in pending:
+            r = read_result(c.out_dir)
+            if r is not None and r.get("config_digest") == config_digest(c.config):
+                results[c.key] = r
+        log(f"matrix {cfg.name}: report only; not run: "
+            + (", ".join(c.key for c in cells if c.key not in results) or "nothing"))
+    elif pending:
         RUNNERS[cfg.executor.kind]([c.to_dict() for c in pending], cfg.executor, on_result, out)
     wall = time.perf_counter() - start
     ordered = [results[c.key] for c in cells if c.key in results]
     summary: Dict[str, Any] = {"results": ordered, "skipped": sorted(done), "out_dir": out, "wall_s": wall,
-                               "failed": [r["key"] for r in ordered if r.get("status") != "ok"]}
+                               "failed": [r["key"] for r in ordered if r.get("status") != "ok"],
+                               "pending": [c.key for c in cells if c.key not in results]}
     if report:
         columns = []
         for c in cells:
@@ -98,6 +109,8 @@ def matrix_main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", help="override seeds")
     parser.add_argument("--attacks", nargs="+", help="run only these attacks of the config")
     parser.add_argument("--no-resume", action="store_true", help="re-run cells that already finished")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the tables from the cells finished so far")
     args = parser.parse_args(list(argv) if argv is not None else sys.argv[2:])
     try:
         cfg = load_matrix_config(args.config)
@@ -122,4 +135,4 @@ def matrix_main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             cfg = dataclasses.replace(cfg, attacks={k: v for k, v in cfg.attacks.items() if k in args.attacks})
     except (MatrixConfigError, FileNotFoundError) as err:
         raise SystemExit(f"lightning-backdoor matrix: {err}") from None
-    return run_matrix(cfg, resume=not args.no_resume)
+    return run_matrix(cfg, resume=not args.no_resume, run=not args.report_only)
