@@ -82,8 +82,10 @@ def histograms(runs: List[Dict], out: Path) -> List[Path]:
     dets = sorted({k.split("/")[1] for r in runs for k in r["summary"] if k.endswith("/scores_benign/bins")})
     written = []
     for det in dets:
-        fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 3), dpi=100, squeeze=False)
-        for ax, r in zip(axes[0], runs):
+        # runs that logged this detector's histograms (a failed or stopped cell has none)
+        with_det = [r for r in runs if r["summary"].get(f"test/{det}/scores_benign/bins")]
+        fig, axes = plt.subplots(1, len(with_det), figsize=(3.6 * len(with_det), 3), dpi=100, squeeze=False)
+        for ax, r in zip(axes[0], with_det):
             for part, color in (("benign", "tab:blue"), ("poisoned", "tab:orange")):
                 bins = r["summary"].get(f"test/{det}/scores_{part}/bins")
                 vals = r["summary"].get(f"test/{det}/scores_{part}/values")
