@@ -18,10 +18,16 @@ def load():
 
 def test_gallery_draws_the_registry(tmp_path, monkeypatch, capsys):
     gallery = load()
-    from lightning_backdoor.attacks import list_attacks
+    from tiny_attacks import TINY
+
+    from lightning_backdoor.attacks import create_attack, list_attacks
 
     drawn = []
     monkeypatch.setattr(gallery, "render", lambda name, rows, path: drawn.append((name, list(rows))))
+    # the fitted attacks with seconds-long fits on 200 digits (the script's own settings take minutes)
+    monkeypatch.setattr(gallery, "create_attack", lambda name, **kw: create_attack(name, **{**TINY.get(name, {}), **kw}))
+    small = gallery.fit_data()
+    monkeypatch.setattr(gallery, "fit_data", lambda seed=0: type(small)(small.images[:200], small.targets[:200]))
     gallery.main(["--out", str(tmp_path), "--images", "2"])
     fitted = {n for n in list_attacks() if getattr(gallery.ATTACKS.get(n), "requires_fit", False)}
     out = capsys.readouterr().out
