@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tiny_net import TinyResNet
 from lightning_backdoor import BackdoorClassifier, BackdoorDataModule
 from lightning_backdoor.attacks import BATT, AdaptiveBlend, AdaptivePatch, BadNets, PhysicalBA, WaNet, create_attack
-from lightning_backdoor.attacks import IAD, SRA, BadNets, WaNet, create_attack
+from lightning_backdoor.attacks import IAD, SRA
 from lightning_backdoor.callbacks import BackdoorMetrics, DetectionCallback
 from lightning_backdoor.checkpoints import UnsafeCheckpointError, load_net_weights, safe_load
 from lightning_backdoor.data import CheckpointMismatchError, DatasetNotFoundError, PoisonedDataset

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..utils import evaluating
-from ..validation import check_bool, check_images, check_positive_float, check_positive_int
+from ..validation import check_bool, check_positive_float, check_positive_int
 from . import adversarial as ADV
 from .base import ATTACKS, _check_image_shape
 from .fitted import FittedAttack, SurrogateSpec, _seeded_subset, dataset_images

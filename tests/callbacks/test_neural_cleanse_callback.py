@@ -85,7 +85,7 @@ def test_logs_the_documented_keys_at_fit_end_and_test(tiny_net):
     merged = {k: v for r in results for k, v in r.items()}
     for key in expected:
         assert f"test/neural_cleanse/{key}" in merged
-    assert sum(f"test/neural_cleanse/anomaly_index" in r for r in results) == 1
+    assert sum("test/neural_cleanse/anomaly_index" in r for r in results) == 1
     assert merged["test/neural_cleanse/l1/3"] == pytest.approx(cb.cleanse.report()[3]["l1"], rel=1e-5)
     assert "test/neural_cleanse/anomaly_index" in logger.logged()
 
