@@ -23,6 +23,7 @@ run takes roughly 20-30 minutes; ``--quick`` is a smoke run of a few minutes.
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import statistics
 import time
@@ -123,6 +124,8 @@ def time_steps(modules: Dict[str, BackdoorClassifier], dm: BackdoorDataModule, s
                 start = time.perf_counter()
                 opts[name].zero_grad(set_to_none=True)
                 module.training_step(batch, i).backward()
+                # as in the fine-tuning (configs/adaptive/*.yaml): unclipped, the eval-mode objectives diverge to NaN
+                torch.nn.utils.clip_grad_norm_(module.parameters(), 5.0)
                 opts[name].step()
                 sync()
                 if i >= warmup:
@@ -146,6 +149,8 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=15, help="timed steps per objective (median reported)")
     parser.add_argument("--out", type=Path, default=Path("bench_adaptive"), help="output folder (checkpoint, W&B run)")
     parser.add_argument("--vanilla-ckpt", type=Path, default=None, help="reuse this vanilla checkpoint instead of training")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the step times of the objectives (no fine-tuning or evaluation)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 + 1 epochs, 100 samples, 5 timed steps")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -168,13 +173,35 @@ def main() -> None:
     dm = make_dm(args.batch_size)
 
     rows: List[Dict[str, object]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def keep(row: Dict[str, object]) -> None:
+        """Record a measured row at once (rows.json, and a line on stdout): a later crash loses nothing."""
+        rows.append(row)
+        (args.out / "rows.json").write_text(json.dumps(rows, indent=1, default=float))
+        print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                               if k in ("variant", "test/ba", "test/asr", "test/scale_up/auroc", "test/ibd_psc/auroc",
+                                        "test/ibd_psc/k", "attack_k")), flush=True)
+
     start = time.perf_counter()
-    vanilla = BackdoorClassifier(quickstart_net(), noise_sigmas=NOISE, init_weights=str(ckpt))
-    rows.append({"variant": "vanilla (no fine-tune)", "epochs": 0, **evaluate(vanilla, dm, args.samples, args.fit_samples)})
-    print(f"vanilla (no fine-tune): evaluated in {time.perf_counter() - start:.0f}s", flush=True)
+    if not args.timing_only:
+        vanilla = BackdoorClassifier(quickstart_net(), noise_sigmas=NOISE, init_weights=str(ckpt))
+        keep({"variant": "vanilla (no fine-tune)", "epochs": 0, **evaluate(vanilla, dm, args.samples, args.fit_samples)})
+        print(f"vanilla (no fine-tune): evaluated in {time.perf_counter() - start:.0f}s", flush=True)
 
     timing_modules: Dict[str, BackdoorClassifier] = {}
     for label, losses in variants():
+        if args.timing_only:  # the step times only: fresh terms (IBD-PSC's k fitted on the first step)
+            timing = BackdoorClassifier(quickstart_net(), losses=losses(), init_weights=str(ckpt)).to(device)
+            timing.setup("fit")
+            timing.target = 0
+            dm.setup("fit")
+            for term in timing.loss_terms:
+                if hasattr(term, "fit"):
+                    term.fit(timing.logits_net, dm.defense_dataloader())
+            timing_modules[label] = timing
+            rows.append({"variant": label})
+            continue
         L.seed_everything(args.seed, workers=True, verbose=False)
         module = BackdoorClassifier(quickstart_net(), optimizer=sgd(args.finetune_lr),
                                     scheduler=cosine(args.finetune_epochs), losses=losses(), noise_sigmas=NOISE,
@@ -185,8 +212,8 @@ def main() -> None:
         metrics = evaluate(module, dm, args.samples, args.fit_samples)
         attack_k = [getattr(term, "k", None) for term in module.loss_terms]
         skipped = sum(int(getattr(term, "skipped", 0)) for term in module.loss_terms)
-        rows.append({"variant": label, "epochs": args.finetune_epochs, "attack_k": attack_k[0] if attack_k else None,
-                     "skipped": skipped, "fit_s": fit_s, **metrics})
+        keep({"variant": label, "epochs": args.finetune_epochs, "attack_k": attack_k[0] if attack_k else None,
+              "skipped": skipped, "fit_s": fit_s, **metrics})
         print(f"{label}: fine-tuned in {fit_s:.0f}s, evaluated in {time.perf_counter() - start - fit_s:.0f}s", flush=True)
         # timing copy: the same starting weights for every objective, terms fitted (k) as in training
         timing = BackdoorClassifier(quickstart_net(), losses=copy.deepcopy(list(module.loss_terms)),
