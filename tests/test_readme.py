@@ -32,7 +32,11 @@ def test_own_lightning_script_snippet_runs_with_believable_numbers(tmp_path):
     code = snippet("### In your own Lightning script")
     assert "max_epochs=5" in code and "every_n_epochs=5" in code
     # run exactly as written (about a minute on 2 CPU cores)
-    code += "\nimport json\nprint('RESULTS ' + json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()}))\n"
+    # the fit's metrics (val/...) before trainer.test replaces them with the test's
+    assert code.count("trainer.test(") == 1
+    code = code.replace("trainer.test(", "fit_metrics = dict(trainer.callback_metrics)\ntrainer.test(")
+    code += ("\nimport json\nprint('RESULTS ' + json.dumps({k: float(v) for k, v in "
+             "{**fit_metrics, **trainer.callback_metrics}.items()}))\n")
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=1800,
                           env=env)
