@@ -137,6 +137,18 @@ class BackdoorCLI(LightningCLI):
                             help="validate/test: evaluate the model's initial (untrained) weights on purpose; without "
                                  "it, validate/test need --ckpt_path or the model's init_weights")
 
+    def parse_arguments(self, parser, args) -> None:
+        # Explicit args (run_cli, e.g. a matrix cell inside `lightning-backdoor matrix --config ...`) replace the
+        # process's command line: hide sys.argv while parsing only, so Lightning does not warn once per cell that
+        # both were given (sys.argv is left as it is for the run itself).
+        if args is None:
+            return super().parse_arguments(parser, args)
+        saved, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            return super().parse_arguments(parser, args)
+        finally:
+            sys.argv = saved
+
     # -- refuse meaningless runs before anything starts ------------------------------------------
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")

@@ -88,3 +88,21 @@ def test_detect_config_runs_on_a_checkpoint(tmp_path, monkeypatch):
     for det in ("scale_up", "strip"):
         for metric in ("auroc", "f1", "tpr@fpr1", "tpr@fpr5", "relative_cost"):
             assert f"test/{det}/{metric}" in summary, (det, metric, sorted(summary))
+
+
+def test_run_cli_args_do_not_warn_about_the_process_command_line(monkeypatch):
+    """A matrix cell runs `run_cli([...])` inside `lightning-backdoor matrix --config ...`: the explicit args are the
+    cell's whole command line, so Lightning's "provide both args and command line arguments" warning must not be
+    printed once per cell, and the process's sys.argv is left as it was."""
+    import warnings
+
+    from lightning_backdoor.cli import run_cli
+
+    argv = ["lightning-backdoor", "matrix", "--config", "grid.yaml"]
+    monkeypatch.setattr(sys, "argv", list(argv))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit):  # parsed, then refused: validate without a checkpoint
+            run_cli(["validate", "--config", str(QUICKSTART)])
+    assert not [w for w in caught if "args parameter is intended" in str(w.message)]
+    assert sys.argv == argv
