@@ -41,7 +41,8 @@ BROKEN = {"broken": {"data.init_args.attack": {"class_path": "lightning_backdoor
 
 def config(out, attacks=ATTACKS, **executor):
     return parse_matrix_config({"name": "tiny", "cell": CELL, "seeds": [0, 1], "attacks": attacks,
-                                "executor": executor or {"kind": "sequential"}, "out_dir": str(out),
+                                # one thread per cell everywhere: the sequential and Ray runs compare bit for bit
+                                "executor": executor or {"kind": "sequential", "cpus_per_cell": 1}, "out_dir": str(out),
                                 "wandb": {"project": "lb-test", "offline": True}})
 
 
@@ -138,6 +139,25 @@ def test_two_ray_workers_give_the_sequential_results(sequential, tmp_path):
     assert not par["failed"]
     ok_seq = [r for r in seq["results"] if r["status"] == "ok"]
     assert comparable(par["results"]) == comparable(ok_seq)
+
+
+def test_cell_threads_default_to_the_machines_cores(monkeypatch):
+    """Sequential cells keep torch's own thread count (every core; a 1-thread default ran the embedded matrix on
+    one of this machine's two cores); a local Ray instance shares the cores out between its workers; a given
+    cpus_per_cell wins everywhere."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    threads = lambda **ex: parse_matrix_config({"name": "x", "cell": CELL, "attacks": ATTACKS,
+                                                "executor": ex}).executor.cell_threads()
+    assert threads(kind="sequential") is None
+    assert threads(kind="sequential", cpus_per_cell=3) == 3
+    assert threads(kind="ray", workers=2) == 4
+    assert threads(kind="ray", workers=16) == 1
+    assert threads(kind="ray", workers=2, address="auto") == 1
+    assert threads(kind="submitit") == 1
+    with pytest.raises(ValueError, match="executor.cpus_per_cell"):
+        threads(kind="sequential", cpus_per_cell=0)
 
 
 def test_bad_matrix_configs_are_refused_clearly(tmp_path):

@@ -47,12 +47,24 @@ class ExecutorConfig:
     kind: str = "sequential"
     workers: int = 1
     address: Optional[str] = None
-    cpus_per_cell: int = 1
+    cpus_per_cell: Optional[int] = None  # None: see cell_threads()
     gpus_per_cell: float = 0.0
     cluster: Optional[str] = None  # submitit: None (auto: slurm if available), "local", "slurm", "debug"
     timeout_min: int = 24 * 60
     slurm_partition: Optional[str] = None
     slurm_additional_parameters: Dict[str, Any] = field(default_factory=dict)
+
+    def cell_threads(self) -> Optional[int]:
+        """torch threads (and CPUs reserved) per cell: ``cpus_per_cell`` when given; otherwise every core for the
+        sequential executor (``None``: torch's own default is left alone), the cores shared out between the
+        ``workers`` of a local Ray instance, and 1 on a Ray cluster or under submitit (say how many there)."""
+        if self.cpus_per_cell is not None:
+            return int(self.cpus_per_cell)
+        if self.kind == "sequential":
+            return None
+        if self.kind == "ray" and not self.address:
+            return max(1, (os.cpu_count() or 1) // self.workers)
+        return 1
 
 
 @dataclass
@@ -136,7 +148,8 @@ def parse_matrix_config(raw: Mapping[str, Any], source: Optional[Path] = None) -
     ex = ExecutorConfig(**dict(ex_raw))
     check_choice(ex.kind, "executor.kind", EXECUTORS)
     check_positive_int(ex.workers, "executor.workers")
-    check_positive_int(ex.cpus_per_cell, "executor.cpus_per_cell")
+    if ex.cpus_per_cell is not None:
+        check_positive_int(ex.cpus_per_cell, "executor.cpus_per_cell")
     wandb_cfg = dict(raw.get("wandb") or {"project": "lightning-backdoor", "offline": True})
     return MatrixConfig(name=name, cell=copy.deepcopy(dict(cell)), attacks=attacks, seeds=seeds,
                         models=_named_overrides(raw.get("models"), "models"),

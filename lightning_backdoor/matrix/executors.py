@@ -4,7 +4,7 @@ The cells are independent, so any engine that runs a Python function somewhere w
 ones instead of a pool of our own:
 
 - ``sequential``: this process, no extra dependency.
-- ``ray``: ``ray.init()`` locally (``workers`` cells at a time, ``cpus_per_cell`` threads each, on
+- ``ray``: ``ray.init()`` locally (``workers`` cells at a time, ``cpus_per_cell`` threads each (default: the cores shared out), on
   loopback) or on a cluster (``address: "ray://head:10001"`` or ``"auto"``); ``gpus_per_cell: 1``
   gives every cell its own GPU. Needs ``pip install "lightning-backdoor[ray]"``.
 - ``submitit``: one job per cell, SLURM when available (``slurm_partition``, ``timeout_min``,
@@ -12,7 +12,8 @@ ones instead of a pool of our own:
   the jobs as local processes. Needs ``pip install "lightning-backdoor[slurm]"``.
 
 Whatever the engine, a cell runs :func:`~lightning_backdoor.matrix.cells.run_cell` with the same config,
-seed and thread count, so its numbers do not depend on the engine (tested: sequential == Ray).
+seed and thread count (``ExecutorConfig.cell_threads``), so with the same thread count its numbers do not depend
+on the engine (tested: sequential == Ray, one thread per cell).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _cell_env() -> Dict[str, str]:
 
 def run_sequential(cells: List[Dict[str, Any]], ex: ExecutorConfig, on_result: OnResult, out: Path) -> None:
     for cell in cells:
-        on_result(run_cell(cell, cpus=ex.cpus_per_cell))
+        on_result(run_cell(cell, cpus=ex.cell_threads()))
 
 
 def _cell_task(cell: Dict[str, Any], cpus: int, env: Dict[str, str]) -> Dict[str, Any]:
@@ -56,15 +57,16 @@ def run_ray(cells: List[Dict[str, Any]], ex: ExecutorConfig, on_result: OnResult
         if ex.address:
             kwargs["address"] = ex.address
         else:  # a local instance on loopback with room for `workers` cells
-            kwargs.update(num_cpus=ex.workers * ex.cpus_per_cell, _node_ip_address="127.0.0.1")
+            kwargs.update(num_cpus=ex.workers * ex.cell_threads(), _node_ip_address="127.0.0.1")
             if ex.gpus_per_cell:
                 kwargs["num_gpus"] = None  # detect
         ray.init(**kwargs)
         started = True
     try:
-        task = ray.remote(num_cpus=ex.cpus_per_cell, num_gpus=ex.gpus_per_cell or 0, max_retries=0)(_cell_task)
+        threads = ex.cell_threads()
+        task = ray.remote(num_cpus=threads, num_gpus=ex.gpus_per_cell or 0, max_retries=0)(_cell_task)
         env = _cell_env()
-        pending = [task.remote(cell, ex.cpus_per_cell, env) for cell in cells]
+        pending = [task.remote(cell, threads, env) for cell in cells]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             on_result(ray.get(done[0]))
@@ -79,7 +81,7 @@ def run_submitit(cells: List[Dict[str, Any]], ex: ExecutorConfig, on_result: OnR
     except ImportError as err:  # pragma: no cover - depends on the extra
         raise ImportError('executor kind "submitit" needs submitit: pip install "lightning-backdoor[slurm]"') from err
     executor = submitit.AutoExecutor(folder=str(out / "submitit" / "%j"), cluster=ex.cluster)
-    params: Dict[str, Any] = dict(timeout_min=ex.timeout_min, cpus_per_task=ex.cpus_per_cell)
+    params: Dict[str, Any] = dict(timeout_min=ex.timeout_min, cpus_per_task=ex.cell_threads())
     if ex.gpus_per_cell:
         params["gpus_per_node"] = int(ex.gpus_per_cell)
     if executor.cluster == "slurm":
@@ -90,7 +92,7 @@ def run_submitit(cells: List[Dict[str, Any]], ex: ExecutorConfig, on_result: OnR
             params["slurm_additional_parameters"] = dict(ex.slurm_additional_parameters)
     executor.update_parameters(**params)
     env = _cell_env()
-    jobs = [executor.submit(_cell_task, cell, ex.cpus_per_cell, env) for cell in cells]
+    jobs = [executor.submit(_cell_task, cell, ex.cell_threads(), env) for cell in cells]
     for job in submitit.helpers.as_completed(jobs):
         try:
             on_result(job.result())
