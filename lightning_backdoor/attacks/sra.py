@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -97,6 +98,10 @@ class SRA(ModelEditAttack):
         channels: ``"search"`` or ``"first"`` (which channel positions the slice takes, see above).
         search_candidates: at most this many positions are tried by ``"search"`` (the first ones).
         seed: seeds the subnet's initial weights and its batches.
+        restarts: subnet trainings tried at most. A 1-channel path can die (a ReLU that never fires) and then
+            never learns; a training whose subnet does not separate triggered from clean images (mean output
+            gap below ``activation / 2``) is retried from new weights (seed ``seed + attempt``), the best one is
+            kept, and a warning says so when none separates. ``report["attempts"]`` counts the trainings.
 
     Example:
         >>> from lightning_backdoor.attacks import BadNets
@@ -123,6 +128,7 @@ class SRA(ModelEditAttack):
         channels: str = "search",
         search_candidates: int = 32,
         seed: int = 0,
+        restarts: int = 3,
     ) -> None:
         super().__init__()
         if trigger is not None and not isinstance(trigger, Attack):
@@ -139,6 +145,7 @@ class SRA(ModelEditAttack):
         self.channels = check_choice(channels, "channels", ("search", "first"))
         self.search_candidates = check_positive_int(search_candidates, "search_candidates")
         self.seed = check_seed(seed)
+        self.restarts = check_positive_int(restarts, "restarts")
 
     def supports(self, model: nn.Module) -> bool:
         return _supported(model)
@@ -147,7 +154,7 @@ class SRA(ModelEditAttack):
         return {"trigger": getattr(self.trigger, "name", None), "width": self.width, "steps": self.steps,
                 "batch_size": self.batch_size, "lr": self.lr, "activation": self.activation,
                 "logit_weight": self.logit_weight, "max_samples": self.max_samples, "channels": self.channels,
-                "search_candidates": self.search_candidates, "seed": self.seed}
+                "search_candidates": self.search_candidates, "seed": self.seed, "restarts": self.restarts}
 
     def check_model(self, model: nn.Module, target: int) -> None:
         """Raise on an unsupported architecture, a slice as wide as a layer, or a target outside the classes."""
@@ -177,10 +184,37 @@ class SRA(ModelEditAttack):
         trigger = trigger.to(device)
         x = x.to(device)
         trigger.build(*x.shape[1:])
-        subnet, first = narrow_subnet(model, self.width)
+        best = None
+        for attempt in range(self.restarts):
+            subnet, first = narrow_subnet(model, self.width)
+            losses = self._fresh_trained_subnet(subnet, x, trigger, self.seed + attempt)
+            with evaluating(subnet), torch.no_grad():
+                clean_mean = float(subnet(x[:256]).flatten().mean())
+                trig_mean = float(subnet(trigger(x[:256])).flatten().mean())
+            gap = trig_mean - clean_mean
+            if best is None or gap > best[0]:
+                best = (gap, subnet, losses, clean_mean, trig_mean)
+            if gap >= self.activation / 2:
+                break
+        gap, subnet, losses, clean_mean, trig_mean = best
+        if gap < self.activation / 2:
+            warnings.warn(f"SRA: after {self.restarts} subnet training(s) the subnet's output on triggered images "
+                          f"({trig_mean:.3g}) is not above its output on clean ones ({clean_mean:.3g}) by activation/2 = "
+                          f"{self.activation / 2:g}; the backdoor will be weak. Raise steps or restarts, or change lr "
+                          "or seed", UserWarning, stacklevel=2)
+        idx = self._choose_channels(model, x, first)
+        edited = self.copy(model)
+        self._write(edited, subnet, first, target, idx)
+        self.report = {**self.hparams(), "channel_choice": self.channels, "channels": idx.tolist(),
+                       "target": int(target), "first_conv": first, "final_loss": losses[-1],
+                       "attempts": attempt + 1, "subnet_clean_mean": clean_mean, "subnet_trigger_mean": trig_mean}
+        return edited
+
+    def _fresh_trained_subnet(self, subnet: nn.Module, x: Tensor, trigger: Attack, seed: int) -> List[float]:
+        """Seeded fresh weights for the narrow layers, then the subnet training; returns the losses."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            for name, m in subnet.named_modules():  # fresh, seeded weights for the narrow layers
+            torch.manual_seed(seed)
+            for name, m in subnet.named_modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 elif isinstance(m, nn.BatchNorm2d):
@@ -188,22 +222,12 @@ class SRA(ModelEditAttack):
                     nn.init.constant_(m.bias, 0.1)  # start with live ReLUs: a 1-channel path dies easily
                 elif isinstance(m, nn.Linear):
                     nn.init.constant_(m.weight, 1.0 / m.in_features) if name == "fc" else nn.init.eye_(m.weight)
-            losses = self._train_subnet(subnet, x, trigger)
-        idx = self._choose_channels(model, x, first)
-        edited = self.copy(model)
-        self._write(edited, subnet, first, target, idx)
-        with evaluating(subnet), torch.no_grad():
-            clean_out = subnet(x[:256]).flatten()
-            trig_out = subnet(trigger(x[:256])).flatten()
-        self.report = {**self.hparams(), "channel_choice": self.channels, "channels": idx.tolist(),
-                       "target": int(target), "first_conv": first, "final_loss": losses[-1],
-                       "subnet_clean_mean": float(clean_out.mean()), "subnet_trigger_mean": float(trig_out.mean())}
-        return edited
+            return self._train_subnet(subnet, x, trigger, seed)
 
-    def _train_subnet(self, subnet: nn.Module, x: Tensor, trigger: Attack) -> List[float]:
+    def _train_subnet(self, subnet: nn.Module, x: Tensor, trigger: Attack, seed: int) -> List[float]:
         subnet.train()
         opt = torch.optim.Adam(subnet.parameters(), lr=self.lr)
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(seed)
         losses: List[float] = []
         for _ in range(self.steps):
             idx = torch.randint(0, len(x), (min(self.batch_size, len(x)),), generator=g).to(x.device)

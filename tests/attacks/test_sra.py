@@ -94,6 +94,7 @@ def test_untouched_weights_equal_clean_predictions_close_and_the_trigger_fires(t
     assert res["ba"] >= ref["ba"] - 0.03 and ref["ba"] > 0.5
     assert res["asr"] >= 0.9 and ref["asr"] < 0.5
     assert sra.report["subnet_trigger_mean"] > 10 * max(sra.report["subnet_clean_mean"], 0.1)
+    assert sra.report["attempts"] == 1  # a subnet that learns is not trained again
     # independent re-computation: the edited model = the victim with the slice cut out (its rows and columns zeroed)
     # plus logit_weight * subnet output on the target logit only
     cut = copy.deepcopy(net)
@@ -111,6 +112,27 @@ def test_untouched_weights_equal_clean_predictions_close_and_the_trigger_fires(t
         got = bd(x_test)
     assert torch.allclose(got[:, 1:], expected[:, 1:], atol=1e-4)  # the non-target logits: the cut model's
     assert bool((got[:, 0] >= expected[:, 0] - 1e-4).all())  # the target logit: plus the (ReLU >= 0) subnet output
+
+
+def test_a_subnet_that_does_not_learn_is_retried_from_new_weights_and_warned():
+    """A 1-channel path can die and never learn (seen in the embedded matrix: final loss 13.3, trigger output 0.67
+    against the wanted 20, ASR 0.10). Such a training is retried with seed + attempt; when none separates
+    triggered from clean images, the best one is kept and a warning says the backdoor will be weak."""
+    net = create_model("resnet20", num_classes=10, in_channels=1, width=4).eval()
+    x = torch.rand(16, 1, 10, 10)
+    sra = SRA(BadNets(patch_size=3), steps=1, batch_size=8, channels="first", restarts=3)
+    with pytest.warns(UserWarning, match=r"after 3 subnet training\(s\).*backdoor will be weak"):
+        sra.edit(net, x, target=3)
+    assert sra.report["attempts"] == 3
+    gap = sra.report["subnet_trigger_mean"] - sra.report["subnet_clean_mean"]
+    assert gap < sra.activation / 2
+    again = SRA(BadNets(patch_size=3), steps=1, batch_size=8, channels="first", restarts=1)
+    with pytest.warns(UserWarning, match="backdoor will be weak"):
+        again.edit(net, x, target=3)
+    assert again.report["attempts"] == 1  # the best of 3 is at least as good as the first
+    assert gap >= again.report["subnet_trigger_mean"] - again.report["subnet_clean_mean"]
+    with pytest.raises(ValueError, match="restarts"):
+        SRA(BadNets(), restarts=0)
 
 
 def test_resnet_is_supported():
