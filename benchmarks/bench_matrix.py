@@ -2,7 +2,9 @@
 
 1. The same small grid (``--attacks`` × ``--seeds`` cells of the embedded-data cell config cut to
    ``--epochs`` epochs and a few detectors) runs sequentially; its wall time is compared with the sum
-   of the cells' own run times (what running each cell alone costs): the matrix's overhead.
+   of the cells' own run times: the matrix's overhead. The first cell is then also run alone, as its own
+   ``lightning-backdoor fit --config <cell>/config.yaml`` process (interpreter start and imports included),
+   next to its time inside the matrix.
 2. The grid runs again on a local Ray instance with 1 and with 2 workers (1 thread per cell); the
    speed-up of 2 workers over 1 is reported as a fraction of linear (2x).
 
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,6 +77,19 @@ def main() -> None:
     seq = run(args.out / "sequential", cell, attacks, args.seeds, kind="sequential", cpus_per_cell=1)
     cell_sum = sum(r["wall_s"] for r in seq["results"])
     rows = [("sequential", seq["total_s"], cell_sum)]
+    first = seq["results"][0]
+    alone_dir = args.out / "alone"
+    shutil.rmtree(alone_dir, ignore_errors=True)
+    alone_dir.mkdir(parents=True)
+    exe = Path(sys.executable).parent / "lightning-backdoor"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_backdoor.cli"]
+    start = time.perf_counter()
+    subprocess.run(cmd + ["fit", "--config", str(args.out / "sequential" / "cells" / first["key"] / "config.yaml"),
+                          "--trainer.default_root_dir", str(alone_dir),
+                          "--trainer.logger.init_args.save_dir", str(alone_dir)],
+                   cwd=alone_dir, check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})  # 1 thread, as in the matrix
+    alone_s = time.perf_counter() - start
     if not args.skip_ray:
         for workers in (1, 2):
             rep = run(args.out / f"ray{workers}", cell, attacks, args.seeds, kind="ray", workers=workers,
@@ -85,6 +103,8 @@ def main() -> None:
     print(f"\nmatrix overhead (sequential): {seq['total_s'] - cell_sum:.1f} s over {n_cells} cells "
           f"({(seq['total_s'] / cell_sum - 1) * 100:.1f} % of the cells' own time: config building, resume checks, "
           "report, heatmap)")
+    print(f"cell {first['key']}: {first['wall_s']:.1f} s inside the matrix, {alone_s:.1f} s run alone as its own "
+          f"`lightning-backdoor fit` process ({alone_s / first['wall_s']:.3f}x)")
     if not args.skip_ray:
         one, two = rows[1][1], rows[2][1]
         print(f"ray 1 -> 2 workers: speed-up {one / two:.2f}x = {one / two / 2 * 100:.0f} % of linear")
