@@ -84,8 +84,12 @@ def histograms(runs: List[Dict], out: Path) -> List[Path]:
     for det in dets:
         # runs that logged this detector's histograms (a failed or stopped cell has none)
         with_det = [r for r in runs if r["summary"].get(f"test/{det}/scores_benign/bins")]
-        fig, axes = plt.subplots(1, len(with_det), figsize=(3.6 * len(with_det), 3), dpi=100, squeeze=False)
-        for ax, r in zip(axes[0], with_det):
+        cols = min(5, len(with_det))  # a grid, not one row: a matrix has a dozen cells and more
+        rows = -(-len(with_det) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), dpi=100, squeeze=False)
+        for ax in axes.flat[len(with_det):]:
+            ax.axis("off")
+        for ax, r in zip(axes.flat, with_det):
             for part, color in (("benign", "tab:blue"), ("poisoned", "tab:orange")):
                 bins = r["summary"].get(f"test/{det}/scores_{part}/bins")
                 vals = r["summary"].get(f"test/{det}/scores_{part}/values")

@@ -4,11 +4,14 @@ import csv
 from pathlib import Path
 import json
 import re
+import sys
 
 import pytest
 
 from lightning_backdoor.matrix import MatrixConfigError, build_cells, parse_matrix_config, run_matrix
 from lightning_backdoor.wandb_utils import read_offline_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CELL = {
     "trainer": {
@@ -266,3 +269,31 @@ def test_report_only_writes_the_finished_cells_and_runs_nothing(sequential, tmp_
     assert comparable(r for r in report["results"] if r["status"] == "ok") == comparable(
         r for r in first["results"] if r["status"] == "ok")
     assert "| scale_up |" in (out / "matrix.md").read_text()
+
+
+def _render_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_dashboards", ROOT / "scripts" / "render_dashboards.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_render_dashboards_draws_the_matrix_runs(sequential, tmp_path, monkeypatch):
+    """scripts/render_dashboards.py (the docs' pictures) on a real matrix's offline runs: the summary run's table
+    and heatmap and the cells' training curves; score histograms of many runs are laid out as a grid."""
+    from PIL import Image
+
+    render = _render_script()
+    out, _ = sequential
+    monkeypatch.setattr(sys, "argv", ["render", "--matrix", str(out), "--out", str(tmp_path / "panels")])
+    render.main()
+    names = {p.name for p in (tmp_path / "panels").iterdir()}
+    assert {"matrix_heatmap.png", "matrix_table.png", "history.png"} <= names
+    runs = [{"dir": tmp_path / "cells" / f"a{i}-seed0" / "wandb" / "offline-run-x",
+             "summary": {"test/strip/scores_benign/bins": [0.0, 0.5, 1.0], "test/strip/scores_benign/values": [3, 1],
+                         "test/strip/scores_poisoned/bins": [0.0, 0.5, 1.0], "test/strip/scores_poisoned/values": [1, 3]}}
+            for i in range(7)]
+    (path,) = render.histograms(runs, tmp_path)
+    assert Image.open(path).size == (1800, 560)  # 5 columns x 2 rows of 360 x 280 px, not one row of 7
